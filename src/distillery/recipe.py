@@ -1,0 +1,221 @@
+"""The recipe: pydantic models of every stage's settings, loaded from YAML.
+
+A bad recipe is rejected before any work starts, with one line per problem that names the field
+path (``distill.losses.kd.temperature: must be > 0``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; ``str(e)`` has one line per problem, each naming its field."""
+
+
+class Strict(BaseModel):
+    # Unknown keys are errors: a typo must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# ---------------------------------------------------------------- models
+
+
+class TeacherConfig(Strict):
+    model: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="builtin:NAME, a Hugging Face folder, a .gguf file, or a hub id",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a folder or hub repo)")
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class CutConfig(Strict):
+    """Cut a student from the teacher by keeping some of its decoder layers."""
+
+    keep_layers: list[int] | None = None
+    every: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1)
+    select: Literal["even", "importance"] = "even"
+    calibration_blocks: int = Field(8, ge=1, description="blocks of training text used to score importance")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "CutConfig":
+        given = [n for n in ("keep_layers", "every", "num_layers") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of keep_layers, every, num_layers (got {given or 'none'})")
+        if self.keep_layers is not None and (not self.keep_layers or min(self.keep_layers) < 0):
+            raise ValueError("keep_layers must be a non-empty list of layer indices >= 0")
+        return self
+
+
+class StudentConfig(Strict):
+    from_teacher: CutConfig | None = None
+    model: str | None = Field(None, description="an existing student: HF folder, GGUF or hub id")
+    config: dict[str, Any] | None = Field(None, description="a fresh model: config overrides on the teacher's config")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "StudentConfig":
+        given = [n for n in ("from_teacher", "model", "config") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of from_teacher, model, config (got {given or 'none'})")
+        return self
+
+
+# ---------------------------------------------------------------- data
+
+
+class CorpusSource(Strict):
+    kind: Literal["corpus"] = "corpus"
+    name: Literal["austen", "gensim-lee", "gensim-wiki"]
+    parts: list[str] | None = Field(None, description="e.g. Austen books: emma, persuasion, ...")
+
+
+class FileSource(Strict):
+    kind: Literal["text", "jsonl"]
+    path: Path
+    field: str | None = Field(None, description="JSONL: the text field (default: text, or prompt+response)")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, p: Path) -> Path:
+        if not p.exists():
+            raise ValueError(f"file not found: {p}")
+        return p
+
+
+Source = Annotated[Union[CorpusSource, FileSource], Field(discriminator="kind")]
+
+
+class DataConfig(Strict):
+    source: Source
+    block_size: int = Field(128, ge=8)
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_blocks: int | None = Field(None, ge=1)
+
+
+# ---------------------------------------------------------------- distillation
+
+
+Divergence = Literal[
+    "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "jsd_unscaled", "tvd", "mse"
+]
+
+
+class KDLossConfig(Strict):
+    divergence: Divergence = "forward_kl"
+    weight: float = Field(1.0, ge=0, description="alpha: the weight of the token-level KD term")
+    temperature: float = Field(1.0, gt=0)
+    scale_t2: bool = Field(True, description="multiply by T^2 so gradients keep their size across T")
+    beta: float = Field(0.5, ge=0, le=1, description="generalized JSD interpolation")
+    skew: float = Field(0.1, ge=0, le=1, description="skew KL mixing weight")
+    tail: Literal["renormalize", "bucket", "uniform"] = "bucket"
+    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the vocabulary-sized math")
+
+
+class LossesConfig(Strict):
+    ce_weight: float = Field(0.0, ge=0, description="weight of the task cross-entropy on the data")
+    kd: KDLossConfig = KDLossConfig()
+
+
+class DistillConfig(Strict):
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    clip_grad: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)
+    eval_blocks: int = Field(16, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    losses: LossesConfig = LossesConfig()
+
+
+# ---------------------------------------------------------------- evaluation and report
+
+
+class EvaluateConfig(Strict):
+    eval_blocks: int = Field(32, ge=1, description="held-out blocks scored per model variant")
+    batch_size: int = Field(8, ge=1)
+    variants: list[Literal["teacher", "student_init", "student"]] = ["teacher", "student_init", "student"]
+
+
+class ReportConfig(Strict):
+    enabled: bool = True
+    title: str | None = None
+
+
+class Recipe(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    run_dir: Path = Path("runs")
+    cache_dir: Path | None = Field(None, description="default: $DISTILLERY_CACHE or ~/.cache/distillery")
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig
+    data: DataConfig
+    distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+
+    @property
+    def run_path(self) -> Path:
+        return self.run_dir / self.name
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _TAGS)) or "(recipe)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling)"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+_TAGS = {"corpus", "text", "jsonl"}  # discriminated-union tags pydantic puts in error paths
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe; ``overrides`` are ``dotted.key=value`` strings (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecipeError(f"--set {item!r}: expected dotted.key=value")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {p} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(value)
+    return parse_recipe(data, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

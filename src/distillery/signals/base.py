@@ -1,0 +1,78 @@
+"""What a teacher says about a batch: the one signal abstraction every loss consumes.
+
+A :class:`Signal` is either dense logits or sparse top-k output ``(ids, log-probs, tail mass)``.
+Where it came from (a live model, the logit store, a server, an ensemble) is recorded in its
+:class:`TeacherIdentity` but never matters to the losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    model_id: str
+    tokenizer_fingerprint: str
+    temperature: float = 1.0  # the temperature sparse log-probs were taken at (dense: 1.0, raw logits)
+    k: int | None = None  # None for dense
+
+    def check_compatible(self, *, tokenizer_fingerprint: str | None = None, k: int | None = None,
+                         temperature: float | None = None, what: str = "teacher signal") -> None:
+        """Refuse to mix artifacts made under different settings, naming the field that differs."""
+        if tokenizer_fingerprint is not None and tokenizer_fingerprint != self.tokenizer_fingerprint:
+            raise ValueError(f"{what}: tokenizer_fingerprint differs "
+                             f"({self.tokenizer_fingerprint[:12]} vs {tokenizer_fingerprint[:12]})")
+        if k is not None and self.k is not None and k != self.k:
+            raise ValueError(f"{what}: k differs ({self.k} vs {k})")
+        if temperature is not None and self.k is not None and abs(temperature - self.temperature) > 1e-9:
+            raise ValueError(f"{what}: temperature differs ({self.temperature} vs {temperature})")
+
+
+@dataclass
+class Signal:
+    """Teacher output aligned with the student's logits (same leading shape ``[..., T]``).
+
+    Dense: ``logits [..., V]`` raw logits (temperature is applied by the loss).
+    Sparse: ``topk_ids [..., k]`` int, ``topk_logprobs [..., k]`` log-probs at ``identity.temperature``,
+    ``tail_mass [...]`` = 1 - sum(exp(topk_logprobs)), the probability outside the top k.
+    """
+
+    identity: TeacherIdentity
+    logits: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    tail_mass: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)  # e.g. hidden states / attentions for representation losses
+
+    def __post_init__(self) -> None:
+        dense = self.logits is not None
+        sparse = self.topk_ids is not None and self.topk_logprobs is not None
+        if dense == sparse:
+            raise ValueError("Signal: give either dense logits or sparse topk_ids + topk_logprobs")
+        if sparse and self.tail_mass is None:
+            self.tail_mass = (1.0 - self.topk_logprobs.float().exp().sum(-1)).clamp_min(0.0)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.logits is not None
+
+    def select(self, index) -> "Signal":
+        """The signal at some positions (any tensor index applied to the leading dims)."""
+        if self.is_dense:
+            return Signal(self.identity, logits=self.logits[index], extras=self.extras)
+        return Signal(self.identity, topk_ids=self.topk_ids[index], topk_logprobs=self.topk_logprobs[index],
+                      tail_mass=self.tail_mass[index], extras=self.extras)
+
+
+@runtime_checkable
+class TeacherSignal(Protocol):
+    """Anything that turns a batch into a :class:`Signal`."""
+
+    identity: TeacherIdentity
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **batch) -> Signal: ...
