@@ -154,6 +154,134 @@ class ReportConfig(Strict):
     title: str | None = None
 
 
+# ---------------------------------------------------------------- teacher data (generate stage)
+
+
+class PromptSourceConfig(Strict):
+    """Where prompts come from: a file, a dataset saved with ``datasets.save_to_disk``, or built-in
+    checkable tasks (arithmetic, copy/format) that carry their answers."""
+
+    kind: Literal["tasks", "text", "jsonl", "csv", "parquet", "hf_disk"] = "tasks"
+    path: Path | None = None
+    field: str = Field("prompt", description="column/field holding the prompt (text files: one prompt a line)")
+    answer_field: str | None = Field(None, description="column holding a checkable answer, if any")
+    id_field: str | None = None
+    tasks: list[Literal["arithmetic", "copy", "format"]] = ["arithmetic", "copy"]
+    limit: int | None = Field(None, ge=1, description="tasks: how many to build; files: read at most this many")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "PromptSourceConfig":
+        if self.kind != "tasks":
+            if self.path is None:
+                raise ValueError(f"kind {self.kind} needs a path")
+            if not Path(self.path).exists():
+                raise ValueError(f"file not found: {self.path}")
+        return self
+
+
+class DecodingConfig(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = no top-k cut")
+    n: int = Field(1, ge=1, description="samples per prompt")
+    max_new_tokens: int = Field(64, ge=1)
+    share: float | None = Field(None, gt=0, le=1, description="fraction of prompts; null = all prompts")
+
+    @model_validator(mode="after")
+    def _greedy_once(self) -> "DecodingConfig":
+        if not self.do_sample and self.n > 1:
+            raise ValueError("greedy decoding gives one answer: n > 1 needs do_sample: true")
+        return self
+
+
+class BackendConfig(Strict):
+    kind: Literal["transformers", "openai", "vllm"] = "transformers"
+    batch_size: int = Field(16, ge=1)
+    base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="openai/vllm: the served model name")
+    api_key_env: str | None = Field(None, description="openai: environment variable holding the API key")
+    timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _url(self) -> "BackendConfig":
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("backend openai needs base_url")
+        return self
+
+
+class VerifierConfig(Strict):
+    name: str
+    kind: Literal["regex", "python", "json_schema", "answer"]
+    pattern: str | None = Field(None, description="regex: must match somewhere in the response")
+    function: str | None = Field(None, description="python: module:function(record) -> bool")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="json_schema: inline schema")
+    schema_path: Path | None = None
+    required: bool = Field(True, description="reject the record when this verifier fails")
+
+    @model_validator(mode="after")
+    def _args(self) -> "VerifierConfig":
+        need = {"regex": "pattern", "python": "function"}.get(self.kind)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"verifier {self.name}: kind {self.kind} needs {need}")
+        if self.kind == "json_schema" and self.schema_ is None and self.schema_path is None:
+            raise ValueError(f"verifier {self.name}: json_schema needs schema or schema_path")
+        return self
+
+
+class ScoreFilterConfig(Strict):
+    score: Literal["mean_entropy", "mean_gap", "min_gap", "mean_logprob", "agreement"]
+    min: float | None = None
+    max: float | None = None
+    quantile_min: float | None = Field(None, ge=0, le=1, description="drop the lowest fraction")
+    quantile_max: float | None = Field(None, ge=0, le=1, description="drop above this quantile")
+
+
+class PIIConfig(Strict):
+    enabled: bool = True
+    kinds: list[Literal["email", "phone", "card", "ip", "iban", "national_id"]] = [
+        "email", "phone", "card", "ip", "iban", "national_id"]
+
+
+class CurateConfig(Strict):
+    verifiers: list[VerifierConfig] = []
+    filters: list[ScoreFilterConfig] = []
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    max_repetition: float = Field(0.5, gt=0, le=1, description="max fraction of repeated word 3-grams")
+    exact_dedup: bool = True
+    near_dup_threshold: float | None = Field(0.9, gt=0, le=1, description="MinHash Jaccard; null = off")
+    pii: PIIConfig = PIIConfig()
+    seed_fraction: float = Field(0.2, ge=0, le=1, description="highest-confidence share staged as `seed`")
+    review_fraction: float = Field(0.05, ge=0, le=1, description="lowest-confidence share exported for review")
+    review_file: Path | None = Field(None, description="a reviewed file to import (verdicts override)")
+    valid_fraction: float = Field(0.1, ge=0, lt=1)
+
+
+class GenerateConfig(Strict):
+    prompts: PromptSourceConfig = PromptSourceConfig()
+    template: str | None = Field(None, description="format string with {prompt}; applied before the chat template")
+    chat_template: bool = Field(True, description="wrap in the tokenizer's chat template when it has one")
+    system: str | None = Field(None, description="chat system message (default: the template's own)")
+    decoding: list[DecodingConfig] = [DecodingConfig(name="greedy")]
+    backend: BackendConfig = BackendConfig()
+    teachers: list[TeacherConfig] = Field([], description="teachers compare: candidates (the first is the reference)")
+    compare_prompts: int = Field(32, ge=1)
+    cache_dir: Path | None = Field(None, description="default: <run>/data/cache")
+    curate: CurateConfig = CurateConfig()
+
+    @model_validator(mode="after")
+    def _shares(self) -> "GenerateConfig":
+        names = [d.name for d in self.decoding]
+        if len(set(names)) != len(names):
+            raise ValueError(f"decoding names must be unique (got {names})")
+        total = sum(d.share for d in self.decoding if d.share is not None)
+        if total > 1 + 1e-9:
+            raise ValueError(f"decoding shares sum to {total:.3g}, more than 1")
+        return self
+
+
 class Recipe(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -165,6 +293,7 @@ class Recipe(Strict):
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+    generate: GenerateConfig | None = None
 
     @property
     def run_path(self) -> Path:
