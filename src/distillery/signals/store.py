@@ -1,0 +1,359 @@
+"""The logit store: the teacher's top-k output, captured once, stored compactly, streamed back.
+
+Layout of a store folder (format version 1, documented in docs/logit-store.md)::
+
+    manifest.json          format version, teacher identity, k, temperature, dtypes, counts,
+                           quantisation error, and one entry per complete shard (file, first
+                           example, examples, tokens, bytes, sha256)
+    shard-00000.bin ...    fixed-size shards of whole examples
+
+A shard is a 32-byte header followed by five C-ordered arrays, each over ``[n, T]`` tokens::
+
+    input_ids  [n, T]     id dtype   the tokens the teacher saw (checked when training reads them)
+    topk_ids   [n, T, k]  id dtype   uint16 when the vocabulary fits, else int32
+    codes      [n, T, k]  uint8      log-prob j = top - scale * code (code 0 = the top entry)
+    row        [n, T, 3]  float32    (top log-prob, scale, tail mass)
+
+Log-probs are quantised per row: top-k log-probs are sorted, so the top one is kept exactly and the
+others are coded in 255 steps down to the k-th. At k=64 and vocabulary 49152 that is
+2 + 128 + 64 + 12 = 206 bytes per token, against 196,608 for dense fp32 logits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from distillery.io import atomic_write_json, read_json, sha256_file
+from distillery.signals.base import Signal, TeacherIdentity
+
+FORMAT_VERSION = 1
+MAGIC = b"DLSTORE1"
+HEADER = struct.Struct("<8sIIIIII")  # magic, version, n, T, k, id itemsize, reserved
+HEADER_SIZE = 32
+MANIFEST = "manifest.json"
+CODE_LEVELS = 255
+
+
+class StoreError(ValueError):
+    """A logit store that cannot be used; the message names the file or field."""
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The smallest integer dtype that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.bin"
+
+
+# ---------------------------------------------------------------- quantisation
+
+
+def quantize_logprobs(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[..., k]`` log-probs sorted high to low -> (uint8 codes, top [...], scale [...])."""
+    lp = logprobs.float()
+    top = lp[..., 0]
+    # -inf entries (k > support) are clamped to a very small probability instead of breaking the scale
+    lp = torch.maximum(lp, top.unsqueeze(-1) - 60.0)
+    scale = ((top - lp[..., -1]) / CODE_LEVELS).clamp_min(1e-8)
+    codes = ((top.unsqueeze(-1) - lp) / scale.unsqueeze(-1)).round().clamp(0, CODE_LEVELS).to(torch.uint8)
+    return codes, top, scale
+
+
+def dequantize_logprobs(codes: torch.Tensor, top: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return top.unsqueeze(-1) - scale.unsqueeze(-1) * codes.float()
+
+
+def quantization_error(exact: torch.Tensor, stored: torch.Tensor) -> dict[str, float]:
+    """Sums (not means) so shards can be added up: |d log p|, |d p|, and KL(exact top-k || stored)."""
+    p = exact.float().exp()
+    kl = (p * (exact.float() - stored)).sum(-1)  # both are sub-distributions over the same k ids
+    return {
+        "rows": float(exact[..., 0].numel()),
+        "sum_abs_logprob": float((exact.float() - stored).abs().mean(-1).sum()),
+        "max_abs_logprob": float((exact.float() - stored).abs().max()) if exact.numel() else 0.0,
+        "sum_abs_prob": float((p - stored.exp()).abs().sum(-1).sum()),
+        "sum_kl": float(kl.sum()),
+    }
+
+
+# ---------------------------------------------------------------- shards
+
+
+def encode_shard(input_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                 tail_mass: torch.Tensor, vocab_dtype: np.dtype) -> tuple[bytes, dict[str, float]]:
+    """Bytes of one shard and the quantisation error it introduced."""
+    n, t, k = topk_ids.shape
+    codes, top, scale = quantize_logprobs(topk_logprobs)
+    err = quantization_error(topk_logprobs, dequantize_logprobs(codes, top, scale))
+    row = torch.stack([top, scale, tail_mass.float()], dim=-1)
+    parts = [
+        HEADER.pack(MAGIC, FORMAT_VERSION, n, t, k, vocab_dtype.itemsize, 0).ljust(HEADER_SIZE, b"\0"),
+        input_ids.cpu().numpy().astype(vocab_dtype).tobytes(),
+        topk_ids.cpu().numpy().astype(vocab_dtype).tobytes(),
+        codes.cpu().numpy().tobytes(),
+        row.cpu().numpy().astype(np.float32).tobytes(),
+    ]
+    return b"".join(parts), err
+
+
+def shard_layout(n: int, t: int, k: int, vocab_dtype: np.dtype) -> dict[str, tuple[int, np.dtype, tuple]]:
+    """name -> (byte offset, dtype, shape) of each array in a shard."""
+    out, off = {}, HEADER_SIZE
+    for name, dt, shape in (("input_ids", vocab_dtype, (n, t)), ("topk_ids", vocab_dtype, (n, t, k)),
+                            ("codes", np.dtype(np.uint8), (n, t, k)), ("row", np.dtype(np.float32), (n, t, 3))):
+        out[name] = (off, dt, shape)
+        off += int(np.prod(shape)) * dt.itemsize
+    out["_size"] = (off, None, ())
+    return out
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    first_example: int
+    examples: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+class LogitStore:
+    """Random access to a logit store by example index. Shards are memory-mapped lazily, per process,
+    so a store can be handed to DataLoader workers (each opens its own maps after the fork)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise StoreError(f"{self.path}: not a logit store (no {MANIFEST})")
+        self.manifest = read_json(mpath)
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{mpath}: format_version {version!r} is not supported (this reader: {FORMAT_VERSION})")
+        self.shards = [ShardInfo(**s) for s in self.manifest["shards"]]
+        self._starts = [s.first_example for s in self.shards]
+        self.block_size = int(self.manifest["block_size"])
+        self.k = int(self.manifest["k"])
+        self.vocab_dtype = np.dtype(self.manifest["id_dtype"])
+        self._maps: dict[int, dict[str, np.ndarray]] = {}
+        self._pid = os.getpid()
+
+    @property
+    def identity(self) -> TeacherIdentity:
+        m = self.manifest
+        return TeacherIdentity(m["teacher"]["model_id"], m["teacher"]["tokenizer_fingerprint"],
+                               float(m["temperature"]), int(m["k"]))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def __len__(self) -> int:
+        """Examples held in complete shards."""
+        return sum(s.examples for s in self.shards)
+
+    def check_compatible(self, *, tokenizer_fingerprint: str | None = None, k: int | None = None,
+                         temperature: float | None = None) -> None:
+        """Refuse a student tokenizer, k or temperature that differs from the store's, naming the field."""
+        self.identity.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint, k=k, temperature=temperature,
+                                       what=f"logit store {self.path}")
+
+    def verify(self) -> None:
+        """Check every shard's size and sha256 against the manifest; raise naming the first bad shard."""
+        bad = []
+        for s in self.shards:
+            f = self.path / s.file
+            if not f.is_file():
+                bad.append(f"{s.file}: missing")
+            elif f.stat().st_size != s.bytes:
+                bad.append(f"{s.file}: {f.stat().st_size} bytes, manifest says {s.bytes}")
+            elif sha256_file(f) != s.sha256:
+                bad.append(f"{s.file}: sha256 mismatch (corrupted)")
+        if bad:
+            raise StoreError(f"logit store {self.path}: " + "; ".join(bad))
+
+    def _shard(self, i: int) -> dict[str, np.ndarray]:
+        if self._pid != os.getpid():  # forked into a worker: maps are not shared across processes
+            self._maps, self._pid = {}, os.getpid()
+        if i not in self._maps:
+            s = self.shards[i]
+            f = self.path / s.file
+            layout = shard_layout(s.examples, self.block_size, self.k, self.vocab_dtype)
+            if f.stat().st_size != layout["_size"][0]:
+                raise StoreError(f"{f}: {f.stat().st_size} bytes, expected {layout['_size'][0]} (truncated?)")
+            magic, version, n, t, k, isz, _ = HEADER.unpack(f.open("rb").read(HEADER.size))
+            if magic != MAGIC or version != FORMAT_VERSION or (n, t, k) != (s.examples, self.block_size, self.k):
+                raise StoreError(f"{f}: header does not match the manifest (magic {magic!r}, n/T/k {n}/{t}/{k})")
+            self._maps[i] = {name: np.memmap(f, dtype=dt, mode="r", offset=off, shape=shape)
+                             for name, (off, dt, shape) in layout.items() if name != "_size"}
+        return self._maps[i]
+
+    def locate(self, example: int) -> tuple[int, int]:
+        if not 0 <= example < len(self):
+            raise IndexError(f"logit store {self.path}: example {example} out of range (0..{len(self) - 1})")
+        si = bisect.bisect_right(self._starts, example) - 1
+        return si, example - self.shards[si].first_example
+
+    def example(self, i: int) -> dict[str, torch.Tensor]:
+        """One example: input_ids [T], topk_ids [T, k] int64, topk_logprobs [T, k] float32, tail_mass [T]."""
+        si, row = self.locate(i)
+        m = self._shard(si)
+        r = torch.from_numpy(np.array(m["row"][row]))
+        codes = torch.from_numpy(np.array(m["codes"][row]))
+        return {
+            "example_id": torch.tensor(i),
+            "input_ids": torch.from_numpy(m["input_ids"][row].astype(np.int64)),
+            "topk_ids": torch.from_numpy(m["topk_ids"][row].astype(np.int64)),
+            "topk_logprobs": dequantize_logprobs(codes, r[:, 0], r[:, 1]),
+            "tail_mass": r[:, 2].clone(),
+        }
+
+    def batch(self, example_ids) -> dict[str, torch.Tensor]:
+        rows = [self.example(int(i)) for i in example_ids]
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
+    def signal(self, batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> Signal:
+        """A sparse Signal from a (collated) batch of store examples."""
+        return Signal(self.identity, topk_ids=batch["topk_ids"].to(device),
+                      topk_logprobs=batch["topk_logprobs"].to(device), tail_mass=batch["tail_mass"].to(device))
+
+    def bytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file() and not f.name.startswith("."))
+
+
+# ---------------------------------------------------------------- training-side views
+
+
+class StoreDataset(torch.utils.data.Dataset):
+    """Map-style: works with any sampler, DataLoader workers and DistributedSampler."""
+
+    def __init__(self, store: LogitStore | str | os.PathLike):
+        self.store = store if isinstance(store, LogitStore) else LogitStore(store)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.store.example(i)
+
+
+class StoreStream(torch.utils.data.IterableDataset):
+    """Streams examples shard by shard (sequential reads). Each (rank, worker) pair gets a disjoint
+    set of whole shards' examples, strided so that together they cover every example exactly once.
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised."""
+
+    def __init__(self, store: LogitStore | str | os.PathLike, *, rank: int | None = None,
+                 world_size: int | None = None, shuffle: bool = False, seed: int = 0, epoch: int = 0):
+        self.store = store if isinstance(store, LogitStore) else LogitStore(store)
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
+        self.world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"StoreStream: rank {self.rank} not in 0..{self.world_size - 1}")
+        self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
+
+    def indices(self, worker: int = 0, num_workers: int = 1) -> list[int]:
+        order = torch.arange(len(self.store))
+        if self.shuffle:  # same permutation on every rank and worker, so the split stays disjoint
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = order[torch.randperm(len(order), generator=g)]
+        part = self.rank * num_workers + worker
+        return order[part::self.world_size * num_workers].tolist()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for i in self.indices(worker, workers):
+            yield self.store.example(i)
+
+
+class StoredTeacher:
+    """The TeacherSignal protocol over a logit store, by example index.
+
+    ``input_ids`` must be the stored examples' tokens: a batch that does not match is refused, since
+    a misaligned cache would silently teach the wrong distribution."""
+
+    def __init__(self, store: LogitStore | str | os.PathLike, *, check_tokens: bool = True):
+        self.store = store if isinstance(store, LogitStore) else LogitStore(store)
+        self.identity = self.store.identity
+        self.check_tokens = check_tokens
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 example_ids=None, **batch) -> Signal:
+        if example_ids is None:
+            raise ValueError("StoredTeacher: the batch needs example_ids (indices into the logit store)")
+        ids = example_ids.tolist() if torch.is_tensor(example_ids) else list(example_ids)
+        rows = self.store.batch(ids)
+        if self.check_tokens:
+            got = input_ids.cpu()
+            if got.shape != rows["input_ids"].shape or not torch.equal(got, rows["input_ids"]):
+                bad = [i for j, i in enumerate(ids) if j >= got.shape[0] or not torch.equal(got[j], rows["input_ids"][j])]
+                raise StoreError(f"logit store {self.store.path}: input_ids differ from the stored tokens "
+                                 f"for example(s) {bad[:5]} (was the data re-tokenised or re-ordered?)")
+        return self.store.signal(rows, input_ids.device)
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def inspect(path: str | os.PathLike) -> str:
+    """The manifest and size per token, for ``distillery logits inspect PATH``."""
+    store = LogitStore(path)
+    m = store.manifest
+    tokens = m["tokens"]
+    size = store.bytes_on_disk()
+    q = m.get("quantization_error", {})
+    lines = [
+        f"logit store      {store.path}",
+        f"format version   {m['format_version']}",
+        f"teacher          {m['teacher']['model_id']}",
+        f"tokenizer        {m['teacher']['tokenizer_fingerprint'][:16]}",
+        f"k / temperature  {m['k']} / {m['temperature']}",
+        f"dtypes           ids {m['id_dtype']}, log-probs {m['logprob_encoding']}",
+        f"examples         {len(store)} of {m['planned_examples']} x {m['block_size']} tokens"
+        f" ({'complete' if store.complete else 'incomplete'})",
+        f"tokens           {tokens}",
+        f"shards           {len(store.shards)} (up to {m['examples_per_shard']} examples each)",
+        f"size             {size:,} bytes, {size / max(tokens, 1):.1f} bytes/token"
+        f" (dense fp32: {4 * m['vocab_size']:,})",
+    ]
+    if q:
+        lines.append(f"quantisation     mean |d log p| {q['mean_abs_logprob']:.2e}, max {q['max_abs_logprob']:.2e}, "
+                     f"KL(exact||stored) {q['mean_kl']:.2e} nats/token")
+    return "\n".join(lines)
+
+
+def blocks_sha256(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.cpu().contiguous().numpy().astype(np.int64).tobytes()).hexdigest()
+
+
+def summarize_error(sums: dict[str, float]) -> dict[str, float]:
+    rows = max(sums.get("rows", 0.0), 1.0)
+    return {"mean_abs_logprob": sums.get("sum_abs_logprob", 0.0) / rows,
+            "max_abs_logprob": sums.get("max_abs_logprob", 0.0),
+            "mean_abs_prob": sums.get("sum_abs_prob", 0.0) / rows,
+            "mean_kl": sums.get("sum_kl", 0.0) / rows}
+
+
+def merge_error(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    out = {key: a.get(key, 0.0) + b[key] for key in b if key != "max_abs_logprob"}
+    out["max_abs_logprob"] = max(a.get("max_abs_logprob", 0.0), b["max_abs_logprob"])
+    return out
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    atomic_write_json(path / MANIFEST, manifest)
