@@ -1,42 +1,319 @@
-"""Token-level divergences between teacher and student distributions.
+"""Token-level divergences between teacher and student distributions, dense or sparse, chunked.
 
-First version (forward KL, dense teacher); the loss-library issue extends this file while keeping
-``token_kd_loss``'s signature, which is the seam the training loop uses.
+Notation: ``p`` is the teacher's distribution, ``q`` the student's, both at temperature ``T``
+(``softmax(logits / T)``). Every divergence is summed over the vocabulary (never averaged over it),
+then averaged over the unmasked tokens and multiplied by ``T^2`` (unless ``scale_t2`` is off):
+
+- ``forward_kl``       KL(p || q)        = sum_i p_i (log p_i - log q_i)
+- ``reverse_kl``       KL(q || p)
+- ``skew_forward_kl``  KL(p || a p + (1-a) q)          (DistiLLM, ``a = skew``)
+- ``skew_reverse_kl``  KL(q || a q + (1-a) p)
+- ``jsd``              generalized JSD, scaled so it is continuous in ``b = beta`` on [0, 1]:
+
+      JSD_b(p, q) = [ b KL(p || m) + (1-b) KL(q || m) ] / (b (1-b)),   m = b p + (1-b) q
+
+  For small ``b``, ``b KL(p||m) ~ b KL(p||q)`` and ``(1-b) KL(q||m) = O(b^2)``, so the limit at
+  ``b -> 0`` is KL(p || q) (forward KL) and, symmetrically, at ``b -> 1`` it is KL(q || p)
+  (reverse KL). Those limits are the values used at exactly 0 and 1.
+- ``jsd_unscaled``     TRL's ``generalized_jsd_loss``: the numerator above, without the division.
+                       It is 0 near both ends yet TRL defines it as forward/reverse KL *at* 0 and
+                       1, so it jumps there; offered only for comparison with TRL runs.
+- ``tvd``              total variation, 0.5 sum_i |p_i - q_i|
+- ``mse``              mean over the vocabulary of (s_i/T - t_i/T)^2 on *logits*; with the T^2 factor
+                       this equals the plain logit MSE at any T. Dense teachers only.
+
+Mixtures are taken in probability space (``logaddexp`` of weighted log-probs), never by mixing
+log-probs linearly. Math runs in float32 (float64 if the inputs are float64). Vocabulary entries
+with -inf logits in the distribution being weighted contribute exactly zero.
+
+Sparse teachers give ``(top-k ids, top-k log-probs at T, tail mass)``; ``tail`` names how the mass
+outside the top k is treated:
+
+- ``renormalize``: drop it; teacher and student are both renormalised over the k ids.
+- ``bucket``: one extra outcome, the teacher's tail mass against the student's mass outside the k ids.
+- ``uniform``: the tail mass is spread evenly over the V - k other ids (the full-vocabulary math).
+
+With k = V there is no tail (its mass is exactly zero by definition) and all three equal the dense loss.
+
+Memory: the loss is computed over chunks of tokens by a custom autograd function that, for each
+chunk, computes the chunk's loss and its gradient at once (the fused-cross-entropy pattern). No
+[tokens, vocab] float32 tensor larger than one chunk is ever alive, and with
+:func:`token_kd_loss_from_hidden` the student's full logits are never built at all.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from distillery.signals.base import Signal
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "jsd_unscaled", "tvd", "mse")
+TAILS = ("renormalize", "bucket", "uniform")
+NEG_INF = float("-inf")
 
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(p_T || p_S) per token, summed over the vocabulary, in float32."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).clamp_min(0.0)
+
+# ---------------------------------------------------------------- divergences on log-probs
+
+
+def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim from log-probs; entries with p_i = 0 contribute exactly 0."""
+    dead = logp == NEG_INF
+    # Filling before the arithmetic (not after) keeps 0 * (-inf - -inf) = NaN out of values and grads.
+    lp = logp.masked_fill(dead, 0.0)
+    lq = logq.masked_fill(dead, 0.0)
+    return (lp.exp() * (lp - lq)).masked_fill(dead, 0.0).sum(-1)
+
+
+def log_mix(logp: torch.Tensor, logq: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w p + (1-w) q), exact in probability space; -inf where both are zero."""
+    if w <= 0.0:
+        return logq
+    if w >= 1.0:
+        return logp
+    dead = (logp == NEG_INF) & (logq == NEG_INF)
+    a = logp.masked_fill(dead, 0.0) + math.log(w)
+    b = logq.masked_fill(dead, 0.0) + math.log1p(-w)
+    return torch.logaddexp(a, b).masked_fill(dead, NEG_INF)
+
+
+def generalized_jsd(logp: torch.Tensor, logq: torch.Tensor, beta: float, scaled: bool = True) -> torch.Tensor:
+    """Generalized JSD between teacher ``p`` and student ``q``; see the module docstring.
+
+    ``scaled=True``: continuous in ``beta``, forward KL at 0, reverse KL at 1.
+    ``scaled=False``: TRL's unscaled form (forward/reverse KL exactly at 0/1, ~0 just inside).
+    """
+    if beta <= 0.0:
+        return kl(logp, logq)
+    if beta >= 1.0:
+        return kl(logq, logp)
+    m = log_mix(logp, logq, beta)
+    num = beta * kl(logp, m) + (1.0 - beta) * kl(logq, m)
+    return num / (beta * (1.0 - beta)) if scaled else num
+
+
+def divergence_from_logprobs(logp: torch.Tensor, logq: torch.Tensor, divergence: str, *,
+                             beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+    """Per-row divergence between teacher log-probs ``logp`` and student log-probs ``logq``."""
+    if divergence == "forward_kl":
+        d = kl(logp, logq)
+    elif divergence == "reverse_kl":
+        d = kl(logq, logp)
+    elif divergence == "skew_forward_kl":
+        d = kl(logp, log_mix(logp, logq, skew))
+    elif divergence == "skew_reverse_kl":
+        d = kl(logq, log_mix(logq, logp, skew))
+    elif divergence == "jsd":
+        d = generalized_jsd(logp, logq, beta, scaled=True)
+    elif divergence == "jsd_unscaled":
+        d = generalized_jsd(logp, logq, beta, scaled=False)
+    elif divergence == "tvd":
+        d = 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+    else:
+        raise ValueError(f"divergence: unknown {divergence!r}; expected one of {', '.join(DIVERGENCES)}")
+    # Rounding can leave a true zero at -1e-9; a divergence is never negative.
+    return d.clamp_min(0.0)
+
+
+def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the vocabulary of squared logit differences; entries -inf in both are skipped."""
+    both = (student_logits == NEG_INF) & (teacher_logits == NEG_INF)
+    diff = (student_logits.masked_fill(both, 0.0) - teacher_logits.masked_fill(both, 0.0))
+    live = (~both).sum(-1).clamp_min(1)
+    return diff.square().sum(-1) / live
+
+
+# ---------------------------------------------------------------- one chunk of tokens
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+    tail: str = "bucket"
+
+    def check(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence: unknown {self.divergence!r}; expected one of {', '.join(DIVERGENCES)}")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail: unknown {self.tail!r}; expected one of {', '.join(TAILS)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta: must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.skew <= 1.0:
+            raise ValueError(f"skew: must be in [0, 1], got {self.skew}")
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _sparse_teacher_logprobs(logq: torch.Tensor, ids: torch.Tensor, logp_k: torch.Tensor, tail_mass: torch.Tensor,
+                             tail: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher, student) log-probs over the outcomes the ``tail`` option compares."""
+    n, vocab = logq.shape
+    k = ids.shape[-1]
+    logp_k = logp_k.to(logq.dtype)
+    if k >= vocab:
+        log_tail = logq.new_full((n, 1), NEG_INF)  # the top k is the vocabulary: no tail by definition
+    else:
+        # A floor, not a fudge: a tail of exactly 0 would make reverse-type divergences infinite.
+        log_tail = tail_mass.to(logq.dtype).clamp_min(torch.finfo(logq.dtype).tiny).log().unsqueeze(-1)
+    if tail == "uniform":
+        fill = log_tail - math.log(max(vocab - k, 1))
+        dense = fill.expand(n, vocab).scatter(-1, ids, logp_k)
+        return dense, logq
+    logq_k = logq.gather(-1, ids)
+    if tail == "renormalize":
+        return (logp_k - logp_k.logsumexp(-1, keepdim=True)), (logq_k - logq_k.logsumexp(-1, keepdim=True))
+    rest_q = logq.scatter(-1, ids, NEG_INF).logsumexp(-1, keepdim=True)
+    return torch.cat([logp_k, log_tail], -1), torch.cat([logq_k, rest_q], -1)
+
+
+def per_token_divergence(student_logits: torch.Tensor, teacher: Signal, opts: KDOptions) -> torch.Tensor:
+    """Divergence per row of ``student_logits [n, V]`` against ``teacher`` (rows aligned), in fp32/fp64."""
+    cd = _math_dtype(student_logits)
+    s = student_logits.to(cd) / opts.temperature
+    if opts.divergence == "mse":
+        if not teacher.is_dense:
+            raise ValueError("divergence 'mse' compares logits and needs a dense teacher signal (got top-k)")
+        return logit_mse(s, teacher.logits.to(cd) / opts.temperature)
+    logq = F.log_softmax(s, dim=-1)
+    if teacher.is_dense:
+        logp = F.log_softmax(teacher.logits.to(cd) / opts.temperature, dim=-1)
+    else:
+        logp, logq = _sparse_teacher_logprobs(logq, teacher.topk_ids.long(), teacher.topk_logprobs,
+                                              teacher.tail_mass, opts.tail)
+    return divergence_from_logprobs(logp, logq, opts.divergence, beta=opts.beta, skew=opts.skew)
+
+
+# ---------------------------------------------------------------- chunked loss with fused gradient
+
+
+def _flat_signal(signal: Signal, n: int) -> Signal:
+    if signal.is_dense:
+        return Signal(signal.identity, logits=signal.logits.reshape(n, -1))
+    k = signal.topk_ids.shape[-1]
+    return Signal(signal.identity, topk_ids=signal.topk_ids.reshape(n, k),
+                  topk_logprobs=signal.topk_logprobs.reshape(n, k), tail_mass=signal.tail_mass.reshape(n))
+
+
+def _rows(signal: Signal, r: torch.Tensor) -> Signal:
+    dev = signal.logits.device if signal.is_dense else signal.topk_ids.device
+    return signal.select(r.to(dev))
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """Sum of per-token divergences over ``rows``, computed chunk by chunk.
+
+    ``x`` is either student logits ``[N, V]`` (``weight`` None) or student hidden states ``[N, H]``
+    with ``weight [V, H]`` (and optional ``bias``) of the lm_head. Each chunk's loss and gradient are
+    computed together in forward, so backward only scales the stored gradients: the chunk's
+    intermediates are freed before the next chunk starts.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, signal, opts, chunk_size, scale):
+        want = ctx.needs_input_grad[:3]
+        x = x.detach()
+        leaves = [None] + [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((weight, bias), want[1:])]
+        grads = [torch.zeros_like(t) if w else None for t, w in zip((x, weight, bias), want)]
+        # Weight/bias grads accumulate over chunks: keep them in fp32 even for bf16 weights.
+        for i in (1, 2):
+            if grads[i] is not None and grads[i].dtype in (torch.bfloat16, torch.float16):
+                grads[i] = grads[i].float()
+        total = torch.zeros((), dtype=_math_dtype(x), device=x.device)
+        for r in rows.split(chunk_size):
+            with torch.enable_grad():
+                # The chunk itself is the leaf: its gradient is [chunk, .], never [N, .].
+                xs = leaves[0] = x.index_select(0, r).requires_grad_(want[0])
+                logits = xs if leaves[1] is None else F.linear(xs, leaves[1], leaves[2])
+                loss = per_token_divergence(logits, _rows(signal, r), opts).sum()
+            if any(want):
+                wrt = [t for t, w in zip(leaves, want) if w]
+                got = iter(torch.autograd.grad(loss, wrt))
+                for i in range(3):
+                    if want[i]:
+                        g = next(got)
+                        if i == 0:
+                            grads[0].index_add_(0, r, g.to(grads[0].dtype))
+                        else:
+                            grads[i] += g
+            total += loss.detach()
+        ctx.grads = grads
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias)]
+        ctx.scale = scale
+        return total * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        out = [None if t is None else (t * (g * ctx.scale).to(t.dtype)).to(dt) for t, dt in zip(ctx.grads, ctx.dtypes)]
+        return (*out, None, None, None, None, None)
+
+
+def _denominator(mask: torch.Tensor, num_tokens) -> torch.Tensor:
+    denom = mask.sum() if num_tokens is None else num_tokens
+    return torch.as_tensor(denom, dtype=torch.float64).clamp_min(1)
+
+
+def _run(x, weight, bias, signal, mask, opts: KDOptions, scale_t2, num_tokens, chunk_size):
+    opts.check()
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    lead = x.shape[:-1]
+    if mask.shape != lead:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} does not match the student's leading shape {tuple(lead)}")
+    if not signal.is_dense and abs(signal.identity.temperature - opts.temperature) > 1e-6:
+        raise ValueError(f"temperature: the loss uses T={opts.temperature} but the sparse teacher log-probs were "
+                         f"taken at T={signal.identity.temperature}; they must match")
+    n = mask.numel()
+    flat = x.reshape(n, x.shape[-1])
+    rows = mask.reshape(n).bool().nonzero().squeeze(1)
+    scale = (opts.temperature**2 if scale_t2 else 1.0) / float(_denominator(mask, num_tokens))
+    return _ChunkedKD.apply(flat, weight, bias, rows, _flat_signal(signal, n), opts, chunk_size, scale)
 
 
 def token_kd_loss(student_logits: torch.Tensor, signal: Signal, mask: torch.Tensor, *,
                   divergence: str = "forward_kl", temperature: float = 1.0, scale_t2: bool = True,
                   beta: float = 0.5, skew: float = 0.1, tail: str = "bucket",
                   num_tokens: int | float | torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
-    """Mean divergence over the unmasked tokens, times T^2 (unless ``scale_t2`` is off).
+    """Sum of per-token divergences over unmasked tokens / ``num_tokens``, times T^2 (if ``scale_t2``).
 
-    ``student_logits [..., V]``, ``signal`` aligned to it, ``mask [...]`` True where a token counts.
-    ``num_tokens``: the denominator; pass the global count of unmasked tokens so that gradient
-    accumulation and data parallelism give the same loss as one big batch.
+    ``student_logits [..., V]``, ``signal`` aligned to it (dense ``[..., V]`` or top-k ``[..., k]``),
+    ``mask [...]`` True where a token counts. ``num_tokens``: the denominator (default: the number of
+    unmasked tokens here); pass the global count so that gradient accumulation and data parallelism
+    give the same loss as one big batch. Returns a float32 scalar (float64 for float64 inputs).
     """
-    if divergence != "forward_kl" or not signal.is_dense:
-        raise NotImplementedError(f"divergence {divergence!r} with a {'dense' if signal.is_dense else 'sparse'} signal")
-    mask = mask.bool()
-    s = student_logits[mask]
-    t = signal.logits[mask]
-    total = s.new_zeros((), dtype=torch.float32)
-    for i in range(0, s.shape[0], chunk_size):
-        total = total + forward_kl(s[i:i + chunk_size], t[i:i + chunk_size], temperature).sum()
-    denom = mask.sum() if num_tokens is None else num_tokens
-    loss = total / torch.as_tensor(denom, dtype=torch.float32).clamp_min(1)
-    return loss * temperature**2 if scale_t2 else loss
+    opts = KDOptions(divergence, temperature, beta, skew, tail)
+    return _run(student_logits, None, None, signal, mask, opts, scale_t2, num_tokens, chunk_size)
+
+
+def token_kd_loss_from_hidden(student_hidden: torch.Tensor, lm_head_weight: torch.Tensor, signal: Signal,
+                              mask: torch.Tensor, *, lm_head_bias: torch.Tensor | None = None,
+                              divergence: str = "forward_kl", temperature: float = 1.0, scale_t2: bool = True,
+                              beta: float = 0.5, skew: float = 0.1, tail: str = "bucket",
+                              num_tokens: int | float | torch.Tensor | None = None,
+                              chunk_size: int = 1024) -> torch.Tensor:
+    """:func:`token_kd_loss` fused with the student's lm_head: ``logits = hidden @ weight.T (+ bias)``
+    is computed one chunk of tokens at a time, so the student's full ``[tokens, V]`` logits are never
+    built (the loop can call the model's backbone and pass its last hidden state)."""
+    if lm_head_weight.shape[-1] != student_hidden.shape[-1]:
+        raise ValueError(f"lm_head_weight: shape {tuple(lm_head_weight.shape)} does not match hidden size "
+                         f"{student_hidden.shape[-1]}")
+    opts = KDOptions(divergence, temperature, beta, skew, tail)
+    return _run(student_hidden, lm_head_weight, lm_head_bias, signal, mask, opts, scale_t2, num_tokens, chunk_size)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_T || p_S) per token, summed over the vocabulary, in float32 (float64 for float64 inputs)."""
+    cd = _math_dtype(student_logits)
+    s = F.log_softmax(student_logits.to(cd) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.to(cd) / temperature, dim=-1)
+    return kl(t, s).clamp_min(0.0)
