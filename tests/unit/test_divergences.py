@@ -243,11 +243,11 @@ def test_gradcheck_float64(divergence):
     s.requires_grad_(True)
     sig = Signal(DENSE_ID, logits=t)
     assert torch.autograd.gradcheck(
-        lambda x: token_kd_loss(x, sig, mask, divergence=divergence, temperature=1.3, beta=0.3, chunk_size=2), (s,))
+        lambda x: token_kd_loss(x, sig, mask, divergence=divergence, temperature=1.3, beta=0.3, chunk_size=2), (s,), fast_mode=True)
 
 
-@pytest.mark.parametrize("tail", TAILS)
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("tail,divergence", [(t, "forward_kl") for t in TAILS] + [("bucket", "reverse_kl"),
+                                                                                   ("bucket", "jsd")])
 def test_gradcheck_fused_lm_head_sparse(tail, divergence):
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -258,7 +258,7 @@ def test_gradcheck_fused_lm_head_sparse(tail, divergence):
     mask = torch.tensor([[True, True, False], [True, True, True]])
     assert torch.autograd.gradcheck(
         lambda a, c, d: token_kd_loss_from_hidden(a, c, sig, mask, lm_head_bias=d, divergence=divergence, tail=tail,
-                                                  chunk_size=2), (h, w, b))
+                                                  chunk_size=2), (h, w, b), fast_mode=True)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
