@@ -1,0 +1,119 @@
+"""The `distillery` command: thin, it parses, calls the stage functions and shows progress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from distillery.recipe import RecipeError, load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil a large language model into a smaller, faster student, and prove it.")
+
+RecipeArg = typer.Argument(..., exists=False, help="the recipe YAML")
+SetOpt = typer.Option(None, "--set", help="override a recipe field: dotted.key=value (repeatable)")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _recipe(path: Path, sets: list[str] | None):
+    try:
+        return load_recipe(path, sets)
+    except RecipeError as e:
+        _fail(str(e))
+
+
+def _stages(path: Path, sets, names: list[str] | None, force: bool):
+    from distillery.models.load import ModelLoadError
+    from distillery.pipeline import run_stages, summary_line
+
+    recipe = _recipe(path, sets)
+    t0 = time.perf_counter()
+    try:
+        run_stages(recipe, names, force=force, log=lambda m: typer.echo(m))
+    except (ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    line = summary_line(recipe.run_path)
+    typer.echo(f"done in {time.perf_counter() - t0:.0f}s -> {recipe.run_path}")
+    if line and (names is None or "evaluate" in names):
+        typer.echo(line)
+
+
+@app.command()
+def run(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
+        force: bool = typer.Option(False, help="re-run stages even when complete")):
+    """Run every stage of the recipe (skipping those already complete; resuming an interrupted one)."""
+    _stages(recipe, set, None, force)
+
+
+@app.command()
+def validate(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt):
+    """Check a recipe without running anything."""
+    r = _recipe(recipe, set)
+    typer.echo(f"{recipe}: ok (run folder {r.run_path})")
+
+
+def _stage_command(name: str, stages: list[str], doc: str):
+    def cmd(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
+            force: bool = typer.Option(False, help="re-run even when complete")):
+        _stages(recipe, set, stages, force)
+    cmd.__doc__ = doc
+    app.command(name)(cmd)
+
+
+_stage_command("prepare", ["data", "student_init"], "Tokenise the data and build the initial student.")
+_stage_command("distill", ["distill"], "Distil the student (resumes from the last checkpoint).")
+_stage_command("evaluate", ["evaluate"], "Evaluate teacher, initial student and distilled student.")
+_stage_command("report", ["report"], "Write report.html.")
+
+
+@app.command()
+def doctor(cache: Optional[Path] = typer.Option(None, help="cache folder (default $DISTILLERY_CACHE or ~/.cache/distillery)")):
+    """What this machine has: torch, devices, threads, cache folder, the builtin teacher."""
+    import torch
+
+    from distillery.models.load import BUILTINS, builtin_gguf, cache_dir
+
+    typer.echo(f"python        {sys.version.split()[0]}")
+    typer.echo(f"torch         {torch.__version__} (threads {torch.get_num_threads()}, cpus {os.cpu_count()})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            typer.echo(f"cuda:{i}        {p.name}, {p.total_memory / 2**30:.0f} GiB, bf16 "
+                       f"{torch.cuda.is_bf16_supported()}")
+    else:
+        typer.echo("cuda          not available (CPU, float32)")
+    c = cache_dir(cache)
+    typer.echo(f"cache         {c}")
+    for name in BUILTINS:
+        try:
+            gguf = builtin_gguf(name)
+            state = "materialised" if (c / "models" / name / ".complete").is_file() else "not yet converted"
+            typer.echo(f"teacher       builtin:{name}: {gguf.name} installed, {state}")
+        except Exception as e:  # noqa: BLE001
+            typer.echo(f"teacher       builtin:{name}: {e}")
+    from distillery.data.sources import DataError, austen_dir, gensim_data_dir
+
+    for label, fn in (("corpus        austen", lambda: austen_dir(cache)), ("corpus        gensim", gensim_data_dir)):
+        try:
+            typer.echo(f"{label}: {fn()}")
+        except DataError as e:
+            typer.echo(f"{label}: {e}")
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

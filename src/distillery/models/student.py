@@ -1,0 +1,130 @@
+"""Students: cut from the teacher (keep some decoder layers) or built fresh from a config.
+
+The result is always a plain transformers model: ``save_pretrained`` writes it and
+``AutoModelForCausalLM.from_pretrained`` reads it back with no distillery code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class StudentError(ValueError):
+    pass
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of decoder blocks of a Hugging Face causal LM (Llama, Qwen, Mistral, GPT-2, ...)."""
+    base = getattr(model, "base_model", model)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise StudentError(f"{type(model).__name__}: cannot find its decoder layers (looked for layers, h, blocks)")
+
+
+def evenly_spaced(total: int, n: int) -> list[int]:
+    """n of ``total`` layers, evenly spaced, always keeping the first and the last."""
+    if not 1 <= n <= total:
+        raise StudentError(f"student.from_teacher.num_layers: {n} is not between 1 and the teacher's {total} layers")
+    if n == 1:
+        return [total - 1]
+    return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
+
+
+@torch.no_grad()
+def block_influence(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """Per layer, the mean over tokens of 1 - cos(input, output) of the block (ShortGPT's block
+    influence): a layer that barely turns the hidden state is the cheapest to drop."""
+    layers = decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            captured[i] = (1 - cos).double().sum()
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start:start + batch_size].to(device)
+            model(input_ids=batch)
+            for i, v in captured.items():
+                sums[i] += v.cpu()
+            count += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(count, 1)).tolist()
+
+
+def choose_layers(cfg, total: int, teacher: torch.nn.Module | None = None,
+                  calibration: torch.Tensor | None = None) -> list[int]:
+    """The teacher layers a ``student.from_teacher`` recipe section keeps, in order."""
+    if cfg.keep_layers is not None:
+        bad = [i for i in cfg.keep_layers if i >= total]
+        if bad:
+            raise StudentError(f"student.from_teacher.keep_layers: {bad} out of range (teacher has {total} layers)")
+        return sorted(set(cfg.keep_layers))
+    if cfg.every is not None:
+        return list(range(0, total, cfg.every))
+    n = cfg.num_layers
+    if cfg.select == "even":
+        return evenly_spaced(total, n)
+    if n > total:
+        raise StudentError(f"student.from_teacher.num_layers: {n} > the teacher's {total} layers")
+    if teacher is None or calibration is None:
+        raise StudentError("student.from_teacher.select=importance needs the teacher and calibration text")
+    scores = block_influence(teacher, calibration)
+    return sorted(sorted(range(total), key=lambda i: -scores[i])[:n])
+
+
+def cut_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
+    """A deep copy of ``teacher`` that keeps only the decoder layers ``keep`` (in order)."""
+    layers = decoder_layers(teacher)
+    if not keep or min(keep) < 0 or max(keep) >= len(layers):
+        raise StudentError(f"keep_layers {keep}: out of range for {len(layers)} layers")
+    student = copy.deepcopy(teacher)
+    kept = torch.nn.ModuleList([decoder_layers(student)[i] for i in keep])
+    for new_idx, layer in enumerate(kept):
+        # The KV cache is indexed by each attention module's layer_idx: renumber them.
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    base = getattr(student, "base_model", student)
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
+            setattr(base, name, kept)
+            break
+    cfg = student.config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, len(keep))
+    if getattr(cfg, "layer_types", None):  # per-layer attention kinds (sliding/full) follow their layers
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    return student
+
+
+def fresh_student(teacher_config, overrides: dict) -> torch.nn.Module:
+    """A randomly initialised model of the teacher's architecture with some config fields changed."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(teacher_config)
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise StudentError(f"student.config.{key}: the teacher's {type(cfg).__name__} has no such field")
+        setattr(cfg, key, value)
+    if hasattr(cfg, "layer_types") and cfg.layer_types and len(cfg.layer_types) != cfg.num_hidden_layers:
+        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
+    try:
+        return AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, RuntimeError, AssertionError) as e:
+        raise StudentError(f"student.config: {e}") from None

@@ -1,0 +1,56 @@
+"""Resumable training state: model, optimizer, scheduler, RNG states and the step (the data cursor
+is a function of the step, so nothing else is needed to continue the same loss sequence)."""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distillery.io import atomic_write_bytes
+
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
+    """Write ``step-N.pt`` atomically, then drop all but the newest ``keep``."""
+    buf = io.BytesIO()
+    torch.save({"step": step, **state, "rng": rng_state()}, buf)
+    path = atomic_write_bytes(folder / f"step-{step:06d}.pt", buf.getvalue())
+    for old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_latest(folder: Path) -> dict | None:
+    """The newest readable checkpoint; a torn or corrupt file (killed mid-write elsewhere) is skipped."""
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+            continue
+    return None

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real (small) BPE tokenizer trained on a registry corpus, and tiny random-weight
+Llama models built in code and saved as ordinary Hugging Face folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def lee_text() -> str:
+    from distillery.data.sources import read_gensim_lee
+
+    return "\n".join(d.text for d in read_gensim_lee())
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(lee_text, tmp_path_factory):
+    """A byte-level BPE tokenizer with a 512-token vocabulary, trained on the Lee news corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lee_text.splitlines(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+    return fast
+
+
+def tiny_llama(layers: int = 4, seed: int = 0, hidden: int = 32, vocab: int = TINY_VOCAB, heads: int = 4,
+               kv_heads: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    # Random init gives a near-uniform teacher; widen the logits so there is something to distil.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(8.0)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_teacher_dir(tiny_tokenizer, tmp_path) -> Path:
+    folder = tmp_path / "tiny-teacher"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def lee_file(lee_text, tmp_path) -> Path:
+    path = tmp_path / "lee.txt"
+    path.write_text(lee_text[:60_000])
+    return path

@@ -1,0 +1,76 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillery.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def quickstart() -> dict:
+    return yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+
+
+def test_every_shipped_recipe_validates():
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        assert load_recipe(path).name
+
+
+def test_typo_in_key_names_the_field(tmp_path):
+    data = quickstart()
+    data["distill"]["stpes"] = data["distill"].pop("steps")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, data))
+    assert "distill.stpes" in str(e.value) and "unknown key" in str(e.value)
+
+
+def test_impossible_value_names_the_field(tmp_path):
+    data = quickstart()
+    data["distill"]["losses"]["kd"]["temperature"] = -1
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, data))
+    assert str(e.value).count("\n") == 0
+    assert "distill.losses.kd.temperature" in str(e.value) and "greater than 0" in str(e.value)
+
+
+def test_missing_file_and_wrong_type(tmp_path):
+    data = quickstart()
+    data["data"]["source"] = {"kind": "text", "path": str(tmp_path / "nope.txt")}
+    data["distill"]["batch_size"] = "four"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, data))
+    msg = str(e.value)
+    assert "data.source.path" in msg and "file not found" in msg
+    assert "distill.batch_size" in msg
+
+
+def test_overrides_are_validated(tmp_path):
+    r = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["distill.steps=7", "distill.losses.kd.temperature=2.0"])
+    assert r.distill.steps == 7 and r.distill.losses.kd.temperature == 2.0
+    with pytest.raises(RecipeError, match="distill.steps"):
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", ["distill.steps=-3"])
+
+
+@pytest.mark.parametrize("change", [("distill", "stpes", 5), ("temperature", None, -1)])
+def test_cli_validate_exits_nonzero_with_one_line(tmp_path, change):
+    data = quickstart()
+    if change[0] == "distill":
+        data["distill"]["stpes"] = 5
+        field = "distill.stpes"
+    else:
+        data["distill"]["losses"]["kd"]["temperature"] = -1
+        field = "distill.losses.kd.temperature"
+    proc = subprocess.run([sys.executable, "-m", "distillery.cli", "validate", str(write(tmp_path, data))],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and field in lines[0], proc.stderr

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distillery.models.student import (StudentError, block_influence, choose_layers, cut_layers, decoder_layers,
+                                       evenly_spaced, fresh_student)
+from distillery.recipe import CutConfig
+from tests.conftest import tiny_llama
+
+
+def test_evenly_spaced_keeps_ends():
+    assert evenly_spaced(30, 15)[0] == 0 and evenly_spaced(30, 15)[-1] == 29
+    assert len(evenly_spaced(30, 15)) == 15
+    with pytest.raises(StudentError, match="num_layers"):
+        evenly_spaced(4, 5)
+
+
+def test_cut_is_a_plain_model_that_round_trips(tmp_path):
+    teacher = tiny_llama(layers=4)
+    student = cut_layers(teacher, [0, 3])
+    assert len(decoder_layers(student)) == 2 and student.config.num_hidden_layers == 2
+    assert len(decoder_layers(teacher)) == 4  # the teacher is untouched
+    # The kept layers are the teacher's own weights.
+    assert torch.equal(decoder_layers(student)[1].mlp.up_proj.weight, decoder_layers(teacher)[3].mlp.up_proj.weight)
+    student.save_pretrained(tmp_path / "s")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    ids = torch.randint(0, 512, (2, 16))
+    torch.testing.assert_close(back(input_ids=ids).logits, student(input_ids=ids).logits)
+    # Generation with a KV cache works after renumbering layer_idx.
+    out = back.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_importance_picks_the_layers_that_change_the_hidden_state_most():
+    teacher = tiny_llama(layers=6)
+    # Make layers 1 and 4 near-identity maps: their block influence must be the lowest.
+    with torch.no_grad():
+        for i in (1, 4):
+            decoder_layers(teacher)[i].self_attn.o_proj.weight.zero_()
+            decoder_layers(teacher)[i].mlp.down_proj.weight.zero_()
+    blocks = torch.randint(0, 512, (4, 32))
+    scores = block_influence(teacher, blocks)
+    assert scores[1] < 1e-6 and scores[4] < 1e-6 and min(scores[i] for i in (0, 2, 3, 5)) > 1e-5
+    keep = choose_layers(CutConfig(num_layers=4, select="importance"), 6, teacher, blocks)
+    assert keep == [0, 2, 3, 5]
+
+
+def test_choose_layers_variants_and_errors():
+    assert choose_layers(CutConfig(every=2), 6) == [0, 2, 4]
+    assert choose_layers(CutConfig(keep_layers=[5, 0]), 6) == [0, 5]
+    with pytest.raises(StudentError, match="out of range"):
+        choose_layers(CutConfig(keep_layers=[0, 9]), 6)
+    with pytest.raises(ValueError, match="exactly one"):
+        CutConfig(every=2, num_layers=3)
+
+
+def test_fresh_student_from_config():
+    teacher = tiny_llama(layers=4)
+    s = fresh_student(teacher.config, {"num_hidden_layers": 2, "intermediate_size": 16})
+    assert s.config.num_hidden_layers == 2 and len(decoder_layers(s)) == 2
+    with pytest.raises(StudentError, match="student.config.nonsense"):
+        fresh_student(teacher.config, {"nonsense": 1})
