@@ -87,8 +87,9 @@ def infonce(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0
 
     ``student, teacher [n, d]``; cosine similarities / ``temperature``, cross-entropy on the diagonal.
     """
-    s = F.normalize(student.float(), dim=-1)
-    t = F.normalize(teacher.float(), dim=-1)
+    cd = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s = F.normalize(student.to(cd), dim=-1)
+    t = F.normalize(teacher.to(cd), dim=-1)
     logits = s @ t.T / temperature
     return F.cross_entropy(logits, torch.arange(len(s), device=s.device))
 
