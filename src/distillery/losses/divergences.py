@@ -156,41 +156,48 @@ def _math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _sparse_teacher_logprobs(logq: torch.Tensor, ids: torch.Tensor, logp_k: torch.Tensor, tail_mass: torch.Tensor,
+def _sparse_teacher_logprobs(s: torch.Tensor, ids: torch.Tensor, logp_k: torch.Tensor, tail_mass: torch.Tensor,
                              tail: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(teacher, student) log-probs over the outcomes the ``tail`` option compares."""
-    n, vocab = logq.shape
+    """(teacher, student) log-probs over the outcomes the ``tail`` option compares.
+
+    ``s [n, V]`` are the student's logits already divided by T. Only what the option needs is built
+    over the vocabulary: ``renormalize`` needs the k gathered logits alone.
+    """
+    n, vocab = s.shape
     k = ids.shape[-1]
-    logp_k = logp_k.to(logq.dtype)
+    logp_k = logp_k.to(s.dtype)
+    if tail == "renormalize":
+        s_k = s.gather(-1, ids)
+        return logp_k - logp_k.logsumexp(-1, keepdim=True), s_k - s_k.logsumexp(-1, keepdim=True)
     if k >= vocab:
-        log_tail = logq.new_full((n, 1), NEG_INF)  # the top k is the vocabulary: no tail by definition
+        log_tail = s.new_full((n, 1), NEG_INF)  # the top k is the vocabulary: no tail by definition
     else:
         # A floor, not a fudge: a tail of exactly 0 would make reverse-type divergences infinite.
-        log_tail = tail_mass.to(logq.dtype).clamp_min(torch.finfo(logq.dtype).tiny).log().unsqueeze(-1)
+        log_tail = tail_mass.to(s.dtype).clamp_min(torch.finfo(s.dtype).tiny).log().unsqueeze(-1)
     if tail == "uniform":
         fill = log_tail - math.log(max(vocab - k, 1))
-        dense = fill.expand(n, vocab).scatter(-1, ids, logp_k)
-        return dense, logq
-    logq_k = logq.gather(-1, ids)
-    if tail == "renormalize":
-        return (logp_k - logp_k.logsumexp(-1, keepdim=True)), (logq_k - logq_k.logsumexp(-1, keepdim=True))
-    rest_q = logq.scatter(-1, ids, NEG_INF).logsumexp(-1, keepdim=True)
-    return torch.cat([logp_k, log_tail], -1), torch.cat([logq_k, rest_q], -1)
+        return fill.expand(n, vocab).scatter(-1, ids, logp_k), F.log_softmax(s, dim=-1)
+    lse = s.logsumexp(-1, keepdim=True)
+    # The student's mass outside the k ids, summed directly (1 - sum(top k) would cancel badly).
+    rest = s.scatter(-1, ids, NEG_INF).logsumexp(-1, keepdim=True)
+    return torch.cat([logp_k, log_tail], -1), torch.cat([s.gather(-1, ids), rest], -1) - lse
 
 
 def per_token_divergence(student_logits: torch.Tensor, teacher: Signal, opts: KDOptions) -> torch.Tensor:
     """Divergence per row of ``student_logits [n, V]`` against ``teacher`` (rows aligned), in fp32/fp64."""
     cd = _math_dtype(student_logits)
-    s = student_logits.to(cd) / opts.temperature
+    s = student_logits.to(cd)
+    if opts.temperature != 1.0:
+        s = s / opts.temperature
     if opts.divergence == "mse":
         if not teacher.is_dense:
             raise ValueError("divergence 'mse' compares logits and needs a dense teacher signal (got top-k)")
         return logit_mse(s, teacher.logits.to(cd) / opts.temperature)
-    logq = F.log_softmax(s, dim=-1)
     if teacher.is_dense:
         logp = F.log_softmax(teacher.logits.to(cd) / opts.temperature, dim=-1)
+        logq = F.log_softmax(s, dim=-1)
     else:
-        logp, logq = _sparse_teacher_logprobs(logq, teacher.topk_ids.long(), teacher.topk_logprobs,
+        logp, logq = _sparse_teacher_logprobs(s, teacher.topk_ids.long(), teacher.topk_logprobs,
                                               teacher.tail_mass, opts.tail)
     return divergence_from_logprobs(logp, logq, opts.divergence, beta=opts.beta, skew=opts.skew)
 
