@@ -118,9 +118,82 @@ class KDLossConfig(Strict):
     chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the vocabulary-sized math")
 
 
+class HiddenLossConfig(Strict):
+    """Hidden-state matching (losses/hidden.py); layers index ``output_hidden_states`` (0 = embeddings)."""
+
+    weight: float = Field(0.0, ge=0, description="0 turns hidden-state matching off")
+    kind: Literal["mse", "cosine", "infonce"] = "mse"
+    layer_map: list[tuple[int, int]] | Literal["even"] = Field(
+        "even", description="explicit [student_layer, teacher_layer] pairs, or evenly spaced")
+    num_pairs: int | None = Field(None, ge=1, description="with layer_map: even, how many pairs (default: all)")
+    infonce_temperature: float = Field(0.1, gt=0)
+
+
+class AttentionLossConfig(Strict):
+    """Attention-map KL (losses/attention.py); layers are 0-based decoder layers."""
+
+    weight: float = Field(0.0, ge=0, description="0 turns attention matching off")
+    layer_map: list[tuple[int, int]] | Literal["even"] = "even"
+    head_mode: Literal["average", "grouped"] = "average"
+
+
+class BalanceConfig(Strict):
+    mode: Literal["static", "magnitude"] = "static"
+    reference: Literal["ce", "kd"] | None = Field(
+        None, description="magnitude: the term others are rescaled to (default: ce if ce_weight > 0, else kd)")
+
+
+class ScheduleConfig(Strict):
+    """A ramp from ``start`` to ``end`` over ``steps`` steps after ``delay`` steps."""
+
+    kind: Literal["constant", "linear", "cosine"] = "linear"
+    start: float
+    end: float
+    steps: int = Field(0, ge=0)
+    delay: int = Field(0, ge=0)
+
+
+class SchedulesConfig(Strict):
+    alpha: ScheduleConfig | None = Field(None, description="overrides kd.weight per step")
+    beta: ScheduleConfig | None = Field(None, description="overrides kd.beta per step")
+    hidden_weight: ScheduleConfig | None = None
+    attention_weight: ScheduleConfig | None = None
+    temperature: ScheduleConfig | None = None
+    representation_start_step: int = Field(0, ge=0, description="hidden/attention terms are off before this step")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SchedulesConfig":
+        for name, lo, hi in (("beta", 0.0, 1.0), ("temperature", 0.0, None), ("alpha", 0.0, None),
+                             ("hidden_weight", 0.0, None), ("attention_weight", 0.0, None)):
+            sc = getattr(self, name)
+            for end in ("start", "end") if sc is not None else ():
+                v = getattr(sc, end)
+                if v < lo or (hi is not None and v > hi) or (name == "temperature" and v <= 0):
+                    raise ValueError(f"{name}.{end}: {v} out of range")
+        return self
+
+
 class LossesConfig(Strict):
     ce_weight: float = Field(0.0, ge=0, description="weight of the task cross-entropy on the data")
     kd: KDLossConfig = KDLossConfig()
+    hidden: HiddenLossConfig = HiddenLossConfig()
+    attention: AttentionLossConfig = AttentionLossConfig()
+    balance: BalanceConfig = BalanceConfig()
+    schedules: SchedulesConfig = SchedulesConfig()
+
+
+class NoiseConfig(Strict):
+    """Compression-aware distillation: perturb the student so it learns to survive low precision."""
+
+    logits_std: float = Field(0.0, ge=0, description="Gaussian noise added to the student's logits")
+    hidden_std: float = Field(0.0, ge=0, description="relative Gaussian noise on each decoder layer's output")
+
+
+class QATConfig(Strict):
+    """Quantization-aware distillation through torchao's QAT prepare/convert."""
+
+    scheme: Literal["int8_dynamic_act_int4_weight", "int4_weight_only"] = "int8_dynamic_act_int4_weight"
+    group_size: int = Field(32, ge=8)
 
 
 class DistillConfig(Strict):
@@ -137,6 +210,14 @@ class DistillConfig(Strict):
     eval_blocks: int = Field(16, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    optimizer: Literal["adamw", "sgd", "adafactor"] = "adamw"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast for the student's forward; auto = bf16 on CUDA with bf16, else fp32")
+    gradient_checkpointing: bool = False
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many evals without a lower held-out KL to the teacher")
+    noise: NoiseConfig | None = None
+    qat: QATConfig | None = None
     losses: LossesConfig = LossesConfig()
 
 
