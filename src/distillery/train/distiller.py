@@ -18,13 +18,26 @@ from distillery.signals.base import TeacherSignal
 
 
 class Distiller:
-    def __init__(self, student: torch.nn.Module, teacher: TeacherSignal, losses: LossesConfig | None = None):
+    def __init__(self, student: torch.nn.Module, teacher: TeacherSignal, losses: LossesConfig | None = None,
+                 noise=None):
         self.student = student
         self.teacher = teacher
         self.losses = losses or LossesConfig()
+        self.noise = noise
         self.last_terms: dict[str, float] = {}
 
-    def loss(self, batch: dict, num_tokens: float | torch.Tensor | None = None, **overrides) -> torch.Tensor:
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters that are not the student's (projection heads); never exported."""
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def loss(self, batch: dict, num_tokens: float | torch.Tensor | None = None, step: int | None = None,
+             **overrides) -> torch.Tensor:
         """The training loss of one (micro-)batch.
 
         ``batch``: ``input_ids [B,T]``, optional ``attention_mask``, ``labels`` (-100 = ignore; default:
@@ -48,6 +61,8 @@ class Distiller:
 
         out = self.student(input_ids=input_ids, attention_mask=attn)
         logits = out.logits[:, :-1]
+        if self.noise is not None and self.noise.logits_std > 0 and self.student.training:
+            logits = logits + torch.randn_like(logits) * self.noise.logits_std
         kd = self.losses.kd.model_copy(update=overrides)
         n = num_tokens if num_tokens is not None else predict.sum()
         total = logits.new_zeros((), dtype=torch.float32)

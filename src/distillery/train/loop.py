@@ -1,13 +1,14 @@
 """The distillation loop: one screen, nanoGPT-style.
 
-Every optimiser step draws ``batch_size * grad_accum * world_size`` blocks at a position that is a
-pure function of the step and the seed, so a resumed run reads exactly the data the uninterrupted
-one would have. Under ``torchrun`` each rank takes its share of every step's blocks, the student is
-wrapped in DDP, and the loss is normalised by the global token count.
+Every optimiser step draws ``batch_size * grad_accum * world_size`` examples at a position that is
+a pure function of the step and the seed, so a resumed run reads exactly the data the uninterrupted
+one would have. Under ``torchrun`` each rank takes its share of every step's examples, the student
+is wrapped in DDP, and the loss is normalised by the global token count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from distillery.recipe import DistillConfig
 from distillery.signals.base import TeacherSignal
 from distillery.train.checkpoint import load_latest, save_checkpoint, set_rng_state
 from distillery.train.distiller import Distiller
+from distillery.train.perturb import hidden_noise, prepare_qat
 
 
 def lr_lambda(cfg: DistillConfig):
@@ -39,7 +41,7 @@ def lr_lambda(cfg: DistillConfig):
 
 
 def step_indices(step: int, per_step: int, n: int, seed: int) -> torch.Tensor:
-    """The block indices of one optimiser step: consecutive slices of a seeded permutation per epoch."""
+    """The example indices of one optimiser step: consecutive slices of a seeded permutation per epoch."""
     start = step * per_step
     out = []
     while len(out) < per_step:
@@ -55,25 +57,63 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def train(student: torch.nn.Module, teacher: TeacherSignal, train_blocks: torch.Tensor, cfg: DistillConfig, *,
+def make_optimizer(params, cfg: DistillConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def autocast(cfg: DistillConfig, device: torch.device):
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def predicted_tokens(batch: dict) -> int:
+    """Tokens that are predicted (position t predicts t+1 and the target is not ignored)."""
+    if "labels" in batch:
+        return int((batch["labels"][:, 1:] != -100).sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"][:, 1:].sum())
+    return batch["input_ids"][:, 1:].numel()
+
+
+def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Tensor | dict, cfg: DistillConfig, *,
           out_dir: Path, seed: int = 0, eval_blocks: torch.Tensor | None = None,
-          eval_teacher: torch.nn.Module | None = None, progress: bool = True, log=print) -> list[dict]:
+          eval_teacher: torch.nn.Module | None = None, progress: bool = True, log=print,
+          distiller: Distiller | None = None) -> list[dict]:
     """Distil ``student`` in place; checkpoints and ``train.jsonl`` go to ``out_dir``. Resumes from the
-    newest checkpoint there. Returns the log records (resumed runs include the earlier ones)."""
+    newest checkpoint there. ``train_data``: ``[N, T]`` token blocks, or a dict of ``[N, T]`` tensors
+    (``input_ids`` and optionally ``attention_mask``, ``labels`` with -100 for ignored targets).
+    Returns the log records (a resumed run's include the earlier ones)."""
     rank, world_size = world()
+    data = train_data if isinstance(train_data, dict) else {"input_ids": train_data}
+    n_examples = len(data["input_ids"])
     device = next(student.parameters()).device
     torch.manual_seed(seed)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    if cfg.qat is not None:
+        prepare_qat(student, cfg.qat)
     model = student
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-    kd = Distiller(model, teacher, cfg.losses)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    kd = distiller or Distiller(model, teacher, cfg.losses, noise=cfg.noise)
+    kd.student = model
+    params = [p for p in student.parameters()] + [p for p in kd.extra_parameters()]
+    opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "train.jsonl"
     start, records = 0, []
     state = load_latest(ckpt_dir)
     if state is not None:
         student.load_state_dict(state["model"])
+        kd.load_state_dict(state.get("distiller", {}))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -84,43 +124,58 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_blocks: torch.
 
     student.train()
     per_rank = cfg.batch_size * cfg.grad_accum
+    best, stale = min((r["eval_kl_to_teacher"] for r in records if "eval_kl_to_teacher" in r), default=math.inf), 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", disable=not progress or rank)
     for step in bar:
         t0 = time.perf_counter()
-        idx = step_indices(step, per_rank * world_size, len(train_blocks), seed)[rank * per_rank:(rank + 1) * per_rank]
-        blocks = train_blocks[idx].to(device)
-        # Every block predicts block_size - 1 tokens; normalise by the global count (all micro-batches, ranks).
-        n_tokens = blocks[:, 1:].numel() * world_size
+        idx = step_indices(step, per_rank * world_size, n_examples, seed)
+        mine = idx[rank * per_rank:(rank + 1) * per_rank]
+        batch = {k: v[mine].to(device) for k, v in data.items()}
+        # Normalise by the global count of predicted tokens (all micro-batches and ranks).
+        n_tokens = predicted_tokens({k: v[idx] for k, v in data.items()})
         terms: dict[str, float] = {}
-        for micro in blocks.split(cfg.batch_size):
-            loss = kd.loss({"input_ids": micro}, num_tokens=n_tokens / world_size if world_size > 1 else n_tokens)
-            # DDP averages gradients over ranks; the per-rank loss is scaled so the average is the global mean.
-            loss.backward()
-            for k, v in kd.last_terms.items():
-                terms[k] = terms.get(k, 0.0) + v
+        with hidden_noise(student, cfg.noise):
+            for i in range(0, per_rank, cfg.batch_size):
+                micro = {k: v[i:i + cfg.batch_size] for k, v in batch.items()}
+                with autocast(cfg, device):
+                    # DDP averages gradients over ranks: scale each rank's loss so the average is the global mean.
+                    loss = kd.loss(micro, num_tokens=n_tokens / world_size, step=step)
+                loss.backward()
+                for k, v in kd.last_terms.items():
+                    terms[k] = terms.get(k, 0.0) + v
         if world_size > 1:
             packed = torch.tensor(list(terms.values()), dtype=torch.float64)
             dist.all_reduce(packed)
             terms = dict(zip(terms, (packed / world_size).tolist()))
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad or float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         rec = {"step": step + 1, **terms, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-               "tokens_per_s": n_tokens / (time.perf_counter() - t0)}
+               "tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0)}
+        if device.type == "cuda":
+            rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        stop = False
         if eval_blocks is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) and rank == 0:
             m = evaluate_models({"student": student}, eval_blocks[: cfg.eval_blocks], teacher=eval_teacher)["student"]
             rec.update({f"eval_{k}": v for k, v in m.items() if k != "tokens"})
+            if "kl_to_teacher" in m:
+                best, stale = (m["kl_to_teacher"], 0) if m["kl_to_teacher"] < best else (best, stale + 1)
+                stop = cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience
         records.append(rec)
         bar.set_postfix(loss=f"{terms['loss']:.4f}", **({"eval_kl": f"{rec['eval_kl_to_teacher']:.3f}"}
                                                        if "eval_kl_to_teacher" in rec else {}))
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps) and rank == 0:
+        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop) and rank == 0:
             save_checkpoint(ckpt_dir, step + 1, {"model": student.state_dict(), "optimizer": opt.state_dict(),
-                                                 "scheduler": sched.state_dict(), "records": records},
-                            cfg.keep_checkpoints)
+                                                 "scheduler": sched.state_dict(), "records": records,
+                                                 "distiller": kd.state_dict()}, cfg.keep_checkpoints)
+        if stop:
+            log(f"distill: early stop at step {step + 1} (no better held-out KL in "
+                f"{cfg.early_stopping_patience} evals)")
+            break
     return records
 
 
