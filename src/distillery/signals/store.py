@@ -252,8 +252,9 @@ class StoreDataset(torch.utils.data.Dataset):
 
 
 class StoreStream(torch.utils.data.IterableDataset):
-    """Streams examples shard by shard (sequential reads). Each (rank, worker) pair gets a disjoint
-    set of whole shards' examples, strided so that together they cover every example exactly once.
+    """Streams examples in store order (or a seeded permutation of it). Rank r of w with DataLoader
+    worker j of m reads every (w*m)-th example from r*m + j: disjoint parts that together cover every
+    example exactly once.
     ``rank``/``world_size`` default to torch.distributed's when it is initialised."""
 
     def __init__(self, store: LogitStore | str | os.PathLike, *, rank: int | None = None,
