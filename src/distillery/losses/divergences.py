@@ -192,37 +192,32 @@ def per_token_divergence(student_logits: torch.Tensor, teacher: Signal, opts: KD
     if opts.divergence == "mse":
         if not teacher.is_dense:
             raise ValueError("divergence 'mse' compares logits and needs a dense teacher signal (got top-k)")
-        return logit_mse(s, teacher.logits.to(cd) / opts.temperature)
+        return logit_mse(s, teacher.logits.to(s.device, cd) / opts.temperature)
     if teacher.is_dense:
-        logp = F.log_softmax(teacher.logits.to(cd) / opts.temperature, dim=-1)
+        logp = F.log_softmax(teacher.logits.to(s.device, cd) / opts.temperature, dim=-1)
         logq = F.log_softmax(s, dim=-1)
     else:
-        logp, logq = _sparse_teacher_logprobs(s, teacher.topk_ids.long(), teacher.topk_logprobs,
-                                              teacher.tail_mass, opts.tail)
+        dev = s.device
+        logp, logq = _sparse_teacher_logprobs(s, teacher.topk_ids.to(dev).long(), teacher.topk_logprobs.to(dev),
+                                              teacher.tail_mass.to(dev), opts.tail)
     return divergence_from_logprobs(logp, logq, opts.divergence, beta=opts.beta, skew=opts.skew)
 
 
 # ---------------------------------------------------------------- chunked loss with fused gradient
 
 
-def _flat_signal(signal: Signal, n: int) -> Signal:
-    if signal.is_dense:
-        return Signal(signal.identity, logits=signal.logits.reshape(n, -1))
-    k = signal.topk_ids.shape[-1]
-    return Signal(signal.identity, topk_ids=signal.topk_ids.reshape(n, k),
-                  topk_logprobs=signal.topk_logprobs.reshape(n, k), tail_mass=signal.tail_mass.reshape(n))
-
-
-def _rows(signal: Signal, r: torch.Tensor) -> Signal:
+def _rows(signal: Signal, idx: tuple[torch.Tensor, ...]) -> Signal:
     dev = signal.logits.device if signal.is_dense else signal.topk_ids.device
-    return signal.select(r.to(dev))
+    return signal.select(tuple(i.to(dev) for i in idx))
 
 
 class _ChunkedKD(torch.autograd.Function):
     """Sum of per-token divergences over ``rows``, computed chunk by chunk.
 
-    ``x`` is either student logits ``[N, V]`` (``weight`` None) or student hidden states ``[N, H]``
-    with ``weight [V, H]`` (and optional ``bias``) of the lm_head. Each chunk's loss and gradient are
+    ``x`` is either student logits ``[..., V]`` (``weight`` None) or student hidden states ``[..., H]``
+    with ``weight [V, H]`` (and optional ``bias``) of the lm_head; ``rows`` are flat indices into its
+    leading dims. Rows are gathered by index, never by flattening ``x`` (a non-contiguous slice such
+    as ``logits[:, :-1]`` would be copied whole). Each chunk's loss and gradient are
     computed together in forward, so backward only scales the stored gradients: the chunk's
     intermediates are freed before the next chunk starts.
     """
@@ -239,11 +234,12 @@ class _ChunkedKD(torch.autograd.Function):
                 grads[i] = grads[i].float()
         total = torch.zeros((), dtype=_math_dtype(x), device=x.device)
         for r in rows.split(chunk_size):
+            idx = torch.unravel_index(r, x.shape[:-1])
             with torch.enable_grad():
                 # The chunk itself is the leaf: its gradient is [chunk, .], never [N, .].
-                xs = leaves[0] = x.index_select(0, r).requires_grad_(want[0])
+                xs = leaves[0] = x[idx].requires_grad_(want[0])
                 logits = xs if leaves[1] is None else F.linear(xs, leaves[1], leaves[2])
-                loss = per_token_divergence(logits, _rows(signal, r), opts).sum()
+                loss = per_token_divergence(logits, _rows(signal, idx), opts).sum()
             if any(want):
                 wrt = [t for t, w in zip(leaves, want) if w]
                 got = iter(torch.autograd.grad(loss, wrt))
@@ -251,7 +247,7 @@ class _ChunkedKD(torch.autograd.Function):
                     if want[i]:
                         g = next(got)
                         if i == 0:
-                            grads[0].index_add_(0, r, g.to(grads[0].dtype))
+                            grads[0].index_put_(idx, g.to(grads[0].dtype))  # rows are unique
                         else:
                             grads[i] += g
             total += loss.detach()
@@ -282,11 +278,9 @@ def _run(x, weight, bias, signal, mask, opts: KDOptions, scale_t2, num_tokens, c
     if not signal.is_dense and abs(signal.identity.temperature - opts.temperature) > 1e-6:
         raise ValueError(f"temperature: the loss uses T={opts.temperature} but the sparse teacher log-probs were "
                          f"taken at T={signal.identity.temperature}; they must match")
-    n = mask.numel()
-    flat = x.reshape(n, x.shape[-1])
-    rows = mask.reshape(n).bool().nonzero().squeeze(1)
+    rows = mask.reshape(-1).bool().nonzero().squeeze(1).to(x.device)
     scale = (opts.temperature**2 if scale_t2 else 1.0) / float(_denominator(mask, num_tokens))
-    return _ChunkedKD.apply(flat, weight, bias, rows, _flat_signal(signal, n), opts, chunk_size, scale)
+    return _ChunkedKD.apply(x, weight, bias, rows, signal, opts, chunk_size, scale)
 
 
 def token_kd_loss(student_logits: torch.Tensor, signal: Signal, mask: torch.Tensor, *,
