@@ -211,6 +211,67 @@ def _rows(signal: Signal, idx: tuple[torch.Tensor, ...]) -> Signal:
     return signal.select(tuple(i.to(dev) for i in idx))
 
 
+def _sparse_reduced(s: torch.Tensor, teacher: Signal, opts: KDOptions, want_grad: bool):
+    """Loss and gradient of one chunk for a top-k teacher with ``renormalize`` or ``bucket``.
+
+    Those divergences depend on the student only through the k gathered logits ``s_k``, the
+    log-normaliser ``lse`` and (bucket) the log-mass outside the k ids ``rest``. Autograd runs on
+    those small tensors; the gradient over the vocabulary is then assembled by hand from
+    d lse / d s_j = q_j and d rest / d s_j = e_j / R (j outside the k ids), reusing one exp pass.
+    ``s`` is the chunk's logits / T in float32; returns (summed loss, d loss / d s or None).
+    """
+    dev = s.device
+    ids = teacher.topk_ids.to(dev).long()
+    logp_k = teacher.topk_logprobs.to(dev, s.dtype)
+    s_k = s.gather(-1, ids).requires_grad_(want_grad)
+    if opts.tail == "renormalize":
+        with torch.enable_grad():
+            d = divergence_from_logprobs(logp_k - logp_k.logsumexp(-1, keepdim=True),
+                                         s_k - s_k.logsumexp(-1, keepdim=True), opts.divergence,
+                                         beta=opts.beta, skew=opts.skew).sum()
+        if not want_grad:
+            return d.detach(), None
+        (g_k,) = torch.autograd.grad(d, s_k)
+        return d.detach(), torch.zeros_like(s).scatter_(-1, ids, g_k)
+    n, vocab = s.shape
+    m = s.amax(-1, keepdim=True)
+    e = (s - m).exp_()
+    z = e.sum(-1, keepdim=True)
+    e_k = e.gather(-1, ids)
+    e.scatter_(-1, ids, 0.0)
+    r = e.sum(-1, keepdim=True)  # summed directly: 1 - sum(top k) would cancel
+    lse = (m + z.log()).requires_grad_(want_grad)
+    rest = (m + r.log()).requires_grad_(want_grad)
+    if ids.shape[-1] >= vocab:
+        log_tail = s.new_full((n, 1), NEG_INF)  # no tail by definition
+    else:
+        log_tail = teacher.tail_mass.to(dev, s.dtype).clamp_min(torch.finfo(s.dtype).tiny).log().unsqueeze(-1)
+    with torch.enable_grad():
+        logq = torch.cat([s_k, rest], -1) - lse
+        d = divergence_from_logprobs(torch.cat([logp_k, log_tail], -1), logq, opts.divergence,
+                                     beta=opts.beta, skew=opts.skew).sum()
+    if not want_grad:
+        return d.detach(), None
+    g_k, g_lse, g_rest = torch.autograd.grad(d, (s_k, lse, rest))
+    # r = 0 only when every e_j outside the top k is 0, so the clamp changes no product.
+    grad = e.mul_(g_lse / z + g_rest / r.clamp_min(torch.finfo(s.dtype).tiny))
+    return d.detach(), grad.scatter_(-1, ids, g_k + e_k * (g_lse / z))
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, teacher: Signal, opts: KDOptions, want_grad: bool):
+    """(summed divergence of a chunk, its gradient w.r.t. ``logits`` or None)."""
+    cd = _math_dtype(logits)
+    if not teacher.is_dense and opts.tail in ("renormalize", "bucket") and opts.divergence != "mse":
+        s = logits.to(cd)
+        s = s / opts.temperature if opts.temperature != 1.0 else s
+        loss, g = _sparse_reduced(s, teacher, opts, want_grad)
+        return loss, (g / opts.temperature if g is not None and opts.temperature != 1.0 else g)
+    leaf = logits.detach().requires_grad_(want_grad)
+    with torch.enable_grad():
+        loss = per_token_divergence(leaf, teacher, opts).sum()
+    return loss.detach(), (torch.autograd.grad(loss, leaf)[0] if want_grad else None)
+
+
 class _ChunkedKD(torch.autograd.Function):
     """Sum of per-token divergences over ``rows``, computed chunk by chunk.
 
@@ -239,10 +300,10 @@ class _ChunkedKD(torch.autograd.Function):
                 # The chunk itself is the leaf: its gradient is [chunk, .], never [N, .].
                 xs = leaves[0] = x[idx].requires_grad_(want[0])
                 logits = xs if leaves[1] is None else F.linear(xs, leaves[1], leaves[2])
-                loss = per_token_divergence(logits, _rows(signal, idx), opts).sum()
+            loss, g_logits = _chunk_loss_and_grad(logits.detach(), _rows(signal, idx), opts, any(want))
             if any(want):
                 wrt = [t for t, w in zip(leaves, want) if w]
-                got = iter(torch.autograd.grad(loss, wrt))
+                got = iter(torch.autograd.grad(logits, wrt, g_logits.to(logits.dtype)))
                 for i in range(3):
                     if want[i]:
                         g = next(got)
