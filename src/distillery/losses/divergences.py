@@ -194,7 +194,8 @@ def per_token_divergence(student_logits: torch.Tensor, teacher: Signal, opts: KD
             raise ValueError("divergence 'mse' compares logits and needs a dense teacher signal (got top-k)")
         return logit_mse(s, teacher.logits.to(s.device, cd) / opts.temperature)
     if teacher.is_dense:
-        logp = F.log_softmax(teacher.logits.to(s.device, cd) / opts.temperature, dim=-1)
+        t = teacher.logits.to(s.device, cd)
+        logp = F.log_softmax(t / opts.temperature if opts.temperature != 1.0 else t, dim=-1)
         logq = F.log_softmax(s, dim=-1)
     else:
         dev = s.device
