@@ -38,7 +38,12 @@ With k = V there is no tail (its mass is exactly zero by definition) and all thr
 Memory: the loss is computed over chunks of tokens by a custom autograd function that, for each
 chunk, computes the chunk's loss and its gradient at once (the fused-cross-entropy pattern). No
 [tokens, vocab] float32 tensor larger than one chunk is ever alive, and with
-:func:`token_kd_loss_from_hidden` the student's full logits are never built at all.
+:func:`token_kd_loss_from_hidden` the student's full logits are never built at all. For a top-k
+teacher with ``renormalize`` or ``bucket`` the divergence depends on the student only through the k
+gathered logits, the log-normaliser and the log-mass outside the k ids, so autograd runs on those
+small tensors and the vocabulary-wide gradient is assembled by hand from one exp pass
+(:func:`_sparse_reduced`; tested equal to autograd through :func:`per_token_divergence`, the plain
+definition).
 """
 
 from __future__ import annotations
