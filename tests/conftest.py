@@ -54,10 +54,29 @@ def tiny_llama(layers: int = 4, seed: int = 0, hidden: int = 32, vocab: int = TI
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def trained_tiny_teacher(tiny_tokenizer, lee_text):
+    """A tiny Llama trained briefly on real news text, so it has real, peaked predictions to distil."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.div_(8.0)
+    ids = tiny_tokenizer(lee_text[:120_000])["input_ids"]
+    blocks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(80):
+        batch = blocks[torch.randint(0, len(blocks), (16,))]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
 @pytest.fixture
-def tiny_teacher_dir(tiny_tokenizer, tmp_path) -> Path:
+def tiny_teacher_dir(trained_tiny_teacher, tiny_tokenizer, tmp_path) -> Path:
     folder = tmp_path / "tiny-teacher"
-    tiny_llama().save_pretrained(folder)
+    trained_tiny_teacher.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
 

@@ -70,10 +70,65 @@ def _stage_command(name: str, stages: list[str], doc: str):
     app.command(name)(cmd)
 
 
+_stage_command("generate", ["generate"], "Generate, score and curate teacher data (resumable, cached).")
 _stage_command("prepare", ["data", "student_init"], "Tokenise the data and build the initial student.")
+_stage_command("capture", ["capture"], "Capture the teacher's top-k log-probs into the logit store.")
 _stage_command("distill", ["distill"], "Distil the student (resumes from the last checkpoint).")
 _stage_command("evaluate", ["evaluate"], "Evaluate teacher, initial student and distilled student.")
 _stage_command("report", ["report"], "Write report.html.")
+
+
+logits_app = typer.Typer(help="The logit store.", no_args_is_help=True)
+app.add_typer(logits_app, name="logits")
+
+
+@logits_app.command("inspect")
+def logits_inspect(path: Path = typer.Argument(..., help="a logit store folder (runs/NAME/logits)")):
+    """Print a logit store's manifest and its size per token."""
+    from distillery.signals.store import StoreError, inspect
+
+    try:
+        typer.echo(inspect(path))
+    except (StoreError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
+@logits_app.command("verify")
+def logits_verify(path: Path = typer.Argument(..., help="a logit store folder")):
+    """Check every shard's checksum; names the first bad shard."""
+    from distillery.signals.store import LogitStore, StoreError
+
+    try:
+        LogitStore(path).verify()
+    except (StoreError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{path}: ok")
+
+
+teachers_app = typer.Typer(help="Choosing a teacher.", no_args_is_help=True)
+app.add_typer(teachers_app, name="teachers")
+
+
+@teachers_app.command("compare")
+def teachers_compare(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
+                     prompts: Optional[int] = typer.Option(None, help="how many prompts (default generate.compare_prompts)")):
+    """Run candidate teachers (generate.teachers; the first is the reference) on a sample of prompts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from distillery.data.generate import compare_teachers
+
+    r = _recipe(recipe, set)
+    try:
+        rows = compare_teachers(r, n_prompts=prompts)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        _fail(str(e))
+    table = Table(title="teachers compare")
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+    Console().print(table)
 
 
 @app.command()

@@ -47,7 +47,9 @@ class Context:
             from safetensors.torch import load_file
 
             data = load_file(self.run / "data" / "blocks.safetensors")
-            self._blocks = (data["train"], data["heldout"])
+            split = [{k.split(".", 1)[1]: v for k, v in data.items() if k.startswith(f"{name}.")}
+                     for name in ("train", "heldout")]
+            self._blocks = tuple(d if len(d) > 1 else d["input_ids"] for d in split)
         return self._blocks
 
 
@@ -55,27 +57,53 @@ class Context:
 
 
 def stage_data(ctx: Context) -> list[str]:
-    """Tokenise the training text into fixed-length blocks with a held-out tail."""
+    """Tokenise the training text into fixed-length blocks with a held-out tail, or into
+    prompt/response examples (format: pairs) with the loss on the response only."""
     from safetensors.torch import save_file
 
-    from distillery.data.sources import read_source, to_blocks
+    from distillery.data import sources as src
     from distillery.models.load import load_tokenizer
 
     r = ctx.recipe
     tok = load_tokenizer(r.teacher.model, r.cache_dir, r.teacher.gguf_file)
-    docs = read_source(r.data.source, r.cache_dir)
-    train, held = to_blocks(docs, tok, r.data.block_size, r.data.heldout_fraction)
+    kind = r.data.source.kind
+    if r.data.format == "pairs":
+        pairs = src.read_pairs(_generated(ctx) if kind == "generated" else r.data.source.path)
+        cut = max(1, int(len(pairs) * (1 - r.data.heldout_fraction)))
+        if cut >= len(pairs):
+            raise src.DataError(f"data: {len(pairs)} examples are too few to hold out {r.data.heldout_fraction:.0%}")
+        train, held = src.to_pairs(pairs[:cut], tok, r.data.block_size), src.to_pairs(pairs[cut:], tok, r.data.block_size)
+        what = f"{len(pairs)} prompt/response pairs"
+    else:
+        if kind == "generated":
+            docs = [src.Document(p, p + " " + q) for p, q in src.read_pairs(_generated(ctx))]
+        elif kind == "teacher_samples":
+            docs = src.teacher_samples(ctx.teacher().model, ctx.teacher().tokenizer, r.data.source, r.seed,
+                                       ctx.progress)
+        else:
+            docs = src.read_source(r.data.source, r.cache_dir)
+        train, held = src.to_blocks(docs, tok, r.data.block_size, r.data.heldout_fraction)
+        train, held = {"input_ids": train}, {"input_ids": held}
+        what = f"{len(docs)} documents"
     if r.data.max_train_blocks:
-        train = train[: r.data.max_train_blocks]
+        train = {k: v[: r.data.max_train_blocks] for k, v in train.items()}
     out = ctx.run / "data" / "blocks.safetensors"
     tmp = out.with_name(".blocks.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"train": train.contiguous(), "heldout": held.contiguous()}, str(tmp))
+    save_file({f"{split}.{k}": v.contiguous() for split, d in (("train", train), ("heldout", held))
+               for k, v in d.items()}, str(tmp))
     tmp.replace(out)
-    ctx._blocks = (train, held)
-    ctx.log(f"data: {len(docs)} documents -> {len(train)} training and {len(held)} held-out blocks "
-            f"of {r.data.block_size} tokens")
+    ctx._blocks = None
+    ctx.log(f"data: {what} -> {len(train['input_ids'])} training and {len(held['input_ids'])} held-out "
+            f"examples of {r.data.block_size} tokens")
     return ["data/blocks.safetensors"]
+
+
+def _generated(ctx: Context) -> Path:
+    path = ctx.run / "data" / "train.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no generated data; add a generate section to the recipe")
+    return path
 
 
 def stage_student_init(ctx: Context) -> list[str]:
@@ -87,7 +115,8 @@ def stage_student_init(ctx: Context) -> list[str]:
     s = r.student
     if s.from_teacher is not None:
         total = len(decoder_layers(teacher.model))
-        calib = ctx.blocks()[0][: s.from_teacher.calibration_blocks]
+        train = ctx.blocks()[0]
+        calib = (train["input_ids"] if isinstance(train, dict) else train)[: s.from_teacher.calibration_blocks]
         keep = choose_layers(s.from_teacher, total, teacher.model, calib)
         student = cut_layers(teacher.model, keep)
         ctx.log(f"student: kept teacher layers {keep} ({len(keep)} of {total}, select={s.from_teacher.select})")
@@ -105,26 +134,114 @@ def stage_student_init(ctx: Context) -> list[str]:
     return ["student_init"]
 
 
+def stage_generate(ctx: Context) -> list[str]:
+    """Teacher data: prompts -> responses (mixed decoding, cached) -> curation -> data/."""
+    from distillery.data.generate import run_generate
+
+    summary = run_generate(ctx.recipe, ctx.run, progress=ctx.progress)
+    ctx.log(f"generate: {summary}" if not isinstance(summary, dict) else
+            "generate: " + ", ".join(f"{k} {v}" for k, v in summary.items() if isinstance(v, (int, float))))
+    return ["data/train.jsonl"]
+
+
+def stage_capture(ctx: Context) -> list[str]:
+    """The logit store: the teacher's top-k over the training blocks, captured once, resumable."""
+    from distillery.signals.capture import capture
+    from distillery.signals.online import OnlineTeacher
+
+    r, teacher = ctx.recipe, ctx.teacher()
+    signal = OnlineTeacher(teacher.model, model_id=r.teacher.model, tokenizer_fingerprint=teacher.fingerprint)
+    train = ctx.blocks()[0]
+    store = capture(signal, train if torch.is_tensor(train) else train["input_ids"], ctx.run / "logits",
+                    k=r.capture.k, temperature=r.capture.temperature, shard_tokens=r.capture.shard_tokens,
+                    batch_size=r.capture.batch_size, progress=ctx.progress)
+    store.verify()
+    ctx.log(f"capture: {store.manifest['tokens']} tokens, {store.bytes_on_disk() / store.manifest['tokens']:.0f} "
+            f"bytes/token at k={r.capture.k}")
+    return ["logits/manifest.json"]
+
+
+def _teacher_signal(ctx: Context):
+    """The recipe's teacher as a signal: live, from the logit store, or an ensemble."""
+    from distillery.models.load import load_model
+    from distillery.signals.online import OnlineTeacher
+
+    r, teacher = ctx.recipe, ctx.teacher()
+    if r.distill.teacher_source == "store":
+        from distillery.signals.store import StoredTeacher
+
+        signal = StoredTeacher(ctx.run / "logits")
+        signal.identity.check_compatible(tokenizer_fingerprint=teacher.fingerprint, k=r.capture.k,
+                                         temperature=r.distill.losses.kd.temperature, what=f"{ctx.run / 'logits'}")
+        return signal
+    main = OnlineTeacher(teacher.model, model_id=r.teacher.model, tokenizer_fingerprint=teacher.fingerprint)
+    if r.ensemble is None:
+        return main
+    from distillery.signals.ensemble import EnsembleTeacher
+
+    members = [main]
+    for m in r.ensemble.members:
+        loaded = load_model(m.model, device=m.device, dtype=m.dtype, cache=r.cache_dir, gguf_file=m.gguf_file)
+        members.append(OnlineTeacher(loaded.model, model_id=m.model, tokenizer_fingerprint=loaded.fingerprint))
+    return EnsembleTeacher(members, r.ensemble.weights, route_by=r.ensemble.route_by, routes=r.ensemble.routes)
+
+
 def stage_distill(ctx: Context) -> list[str]:
+    """Distil the student; with ``generations > 1`` each generation's student teaches the next
+    (born-again), and every generation is scored against the original teacher."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
+    from distillery.evaluate.quality import evaluate_models
     from distillery.signals.online import OnlineTeacher
     from distillery.train.loop import train
+    from distillery.train.onpolicy import OnPolicyBatches
+    from distillery.train.perturb import has_qat, strip_qat
 
     r, teacher = ctx.recipe, ctx.teacher()
     # Checkpoints resume only the run that wrote them: other inputs (or --force) start from step 0.
     owner = ctx.run / "checkpoints" / "inputs.json"
     if ctx.force or (owner.is_file() and read_json(owner).get("input_hash") != ctx.input_hash):
-        shutil.rmtree(ctx.run / "checkpoints", ignore_errors=True)
+        for stale in ("checkpoints", "generations"):
+            shutil.rmtree(ctx.run / stale, ignore_errors=True)
         (ctx.run / "train.jsonl").unlink(missing_ok=True)
     atomic_write_json(owner, {"input_hash": ctx.input_hash})
     device = next(teacher.model.parameters()).device
     student = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32).to(device)
-    signal = OnlineTeacher(teacher.model, model_id=r.teacher.model, tokenizer_fingerprint=teacher.fingerprint)
-    train_blocks, held = ctx.blocks()
-    records = train(student, signal, train_blocks, r.distill, out_dir=ctx.run, seed=r.seed,
-                    eval_blocks=held, eval_teacher=teacher.model, progress=ctx.progress, log=ctx.log)
-    _save_hf(student, teacher.tokenizer, ctx.run / "student")
+    signal = _teacher_signal(ctx)
+    train_data, held = ctx.blocks()
+    tok = teacher.tokenizer
+    per_generation = []
+    for g in range(r.distill.generations):
+        out_dir = ctx.run if r.distill.generations == 1 else ctx.run / "generations" / f"gen-{g + 1}"
+        if g > 0:  # born-again: the previous generation teaches; the next student starts from the cut again
+            previous = student.eval()
+            signal = OnlineTeacher(previous, model_id=f"born-again gen {g}", tokenizer_fingerprint=teacher.fingerprint)
+            student = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32).to(device)
+        transform = None
+        if r.distill.on_policy is not None:
+            transform = OnPolicyBatches(student, r.distill.on_policy, seed=r.seed + g, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+        if r.distill.generations > 1:
+            ctx.log(f"distill: generation {g + 1} of {r.distill.generations}")
+        records = train(student, signal, train_data, r.distill, out_dir=out_dir, seed=r.seed + g,
+                        eval_blocks=held, eval_teacher=teacher.model, progress=ctx.progress, log=ctx.log,
+                        batch_transform=transform)
+        if has_qat(student):
+            strip_qat(student)  # export as a plain float model
+        if r.distill.generations > 1:
+            m = evaluate_models({"s": student}, _head(held, r.evaluate.eval_blocks), teacher=teacher.model)["s"]
+            per_generation.append({"generation": g + 1, **m})
+            _save_hf(student, tok, out_dir / "student")
+            student = copy.deepcopy(student)
+    if per_generation:
+        atomic_write_json(ctx.run / "eval" / "generations.json", per_generation)
+        shutil.copyfile(out_dir / "train.jsonl", ctx.run / "train.jsonl")
+        for m in per_generation:
+            ctx.log(f"distill: generation {m['generation']}: perplexity {m['perplexity']:.2f}, "
+                    f"KL to teacher {m['kl_to_teacher']:.4f}")
+    _save_hf(student, tok, ctx.run / "student")
     if records:
         last = records[-1]
         ctx.log(f"distill: {len(records)} steps, final loss {last['loss']:.4f}"
@@ -139,7 +256,7 @@ def stage_evaluate(ctx: Context) -> list[str]:
 
     r, teacher = ctx.recipe, ctx.teacher()
     device = next(teacher.model.parameters()).device
-    held = ctx.blocks()[1][: r.evaluate.eval_blocks]
+    held = _head(ctx.blocks()[1], r.evaluate.eval_blocks)
     folders = {"student_init": "student_init", "student": "student"}
     models = {name: AutoModelForCausalLM.from_pretrained(ctx.run / folders[name], dtype=torch.float32).to(device)
               for name in r.evaluate.variants if name != "teacher"}
@@ -161,6 +278,10 @@ def stage_report(ctx: Context) -> list[str]:
     return ["report.html"]
 
 
+def _head(data, n: int):
+    return {k: v[:n] for k, v in data.items()} if isinstance(data, dict) else data[:n]
+
+
 def _save_hf(model, tokenizer, folder: Path) -> None:
     """save_pretrained into a temporary folder, then rename: a killed save never leaves half a model."""
     import tempfile
@@ -174,13 +295,16 @@ def _save_hf(model, tokenizer, folder: Path) -> None:
     tmp.replace(folder)
 
 
-# name -> (function, recipe sections it reads, stages it reads from)
-STAGES: dict[str, tuple[Callable[[Context], list[str]], tuple[str, ...], tuple[str, ...]]] = {
-    "data": (stage_data, ("teacher", "data"), ()),
-    "student_init": (stage_student_init, ("teacher", "student", "seed"), ("data",)),
-    "distill": (stage_distill, ("teacher", "distill", "seed"), ("data", "student_init")),
-    "evaluate": (stage_evaluate, ("evaluate",), ("data", "student_init", "distill")),
-    "report": (stage_report, ("report",), ("distill", "evaluate")),
+# name -> (function, recipe sections it reads, stages it reads from, whether the recipe has it)
+STAGES: dict[str, tuple[Callable[[Context], list[str]], tuple[str, ...], tuple[str, ...], Callable[[Recipe], bool]]] = {
+    "generate": (stage_generate, ("teacher", "generate", "seed"), (), lambda r: r.generate is not None),
+    "data": (stage_data, ("teacher", "data", "seed"), ("generate",), lambda r: True),
+    "student_init": (stage_student_init, ("teacher", "student", "seed"), ("data",), lambda r: True),
+    "capture": (stage_capture, ("teacher", "capture"), ("data",), lambda r: r.distill.teacher_source == "store"),
+    "distill": (stage_distill, ("teacher", "distill", "ensemble", "seed"), ("data", "student_init", "capture"),
+                lambda r: True),
+    "evaluate": (stage_evaluate, ("evaluate",), ("data", "student_init", "distill"), lambda r: True),
+    "report": (stage_report, ("report",), ("distill", "evaluate"), lambda r: r.report.enabled),
 }
 
 
@@ -202,7 +326,7 @@ def load_manifest(run: Path) -> dict:
 
 
 def input_hash(recipe: Recipe, name: str, manifest: dict) -> str:
-    _, sections, upstream = STAGES[name]
+    _, sections, upstream, _ = STAGES[name]
     dumped = recipe.model_dump(mode="json")
     return sha256_json({"sections": {s: dumped.get(s) for s in sections},
                         "upstream": {u: manifest["stages"].get(u, {}).get("input_hash") for u in upstream}})
@@ -216,8 +340,9 @@ def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = 
     atomic_write_text(run / "recipe.yaml", dump_recipe(recipe))
     manifest = load_manifest(run)
     ctx = Context(recipe, run, progress, log, force=force)
-    for name in names or list(STAGES):
-        fn, _, upstream = STAGES[name]
+    for name in names or [n for n, st in STAGES.items() if st[3](recipe)]:
+        fn, _, upstream, _ = STAGES[name]
+        upstream = tuple(u for u in upstream if STAGES[u][3](recipe))
         h = input_hash(recipe, name, manifest)
         entry = manifest["stages"].get(name, {})
         done = entry.get("status") == "complete" and entry.get("input_hash") == h

@@ -89,14 +89,43 @@ class FileSource(Strict):
         return p
 
 
-Source = Annotated[Union[CorpusSource, FileSource], Field(discriminator="kind")]
+class GeneratedSource(Strict):
+    """The teacher's curated responses written by this run's ``generate`` stage (data/train.jsonl)."""
+
+    kind: Literal["generated"]
+
+
+class TeacherSamplesSource(Strict):
+    """Data-free distillation: the teacher samples its own training text from BOS or seed prompts."""
+
+    kind: Literal["teacher_samples"]
+    num_samples: int = Field(64, ge=1)
+    seed_prompts: list[str] = Field([], description="start texts; empty = start from BOS alone")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0, description="diversity: higher samples more varied text")
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.1, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+Source = Annotated[Union[CorpusSource, FileSource, GeneratedSource, TeacherSamplesSource],
+                   Field(discriminator="kind")]
 
 
 class DataConfig(Strict):
     source: Source
-    block_size: int = Field(128, ge=8)
+    format: Literal["blocks", "pairs"] = Field(
+        "blocks", description="blocks: fixed-length windows of running text; pairs: one prompt+response "
+        "example per record, loss on the response only (sequence-level / response-level KD)")
+    block_size: int = Field(128, ge=8, description="blocks: window length; pairs: maximum example length")
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_blocks: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _pairs_need_pairs(self) -> "DataConfig":
+        if self.format == "pairs" and self.source.kind not in ("jsonl", "generated"):
+            raise ValueError(f"format pairs needs a jsonl or generated source (got {self.source.kind})")
+        return self
 
 
 # ---------------------------------------------------------------- distillation
@@ -196,6 +225,35 @@ class QATConfig(Strict):
     group_size: int = Field(32, ge=8)
 
 
+class OnPolicyConfig(Strict):
+    """GKD: with probability ``lam`` a batch is replaced by the student's own sampled completions of
+    its prompts (the first ``prompt_tokens`` of each example), scored by the teacher."""
+
+    lam: float = Field(0.5, ge=0, le=1)
+    prompt_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class CaptureConfig(Strict):
+    """The logit store: the teacher's top-k log-probs over the training data, captured once."""
+
+    k: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0, description="must equal distill.losses.kd.temperature to be used")
+    shard_tokens: int = Field(1 << 20, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class EnsembleConfig(Strict):
+    """Multi-teacher: the main teacher plus ``members``, mixed in probability space."""
+
+    members: list[TeacherConfig] = Field(..., min_length=1)
+    weights: list[float] | None = Field(None, description="one per teacher, main teacher first")
+    route_by: str | None = Field(None, description="a data field whose value picks the teacher")
+    routes: dict[str, int] | None = None
+
+
 class DistillConfig(Strict):
     steps: int = Field(100, ge=0)
     batch_size: int = Field(4, ge=1)
@@ -218,6 +276,10 @@ class DistillConfig(Strict):
         None, ge=1, description="stop after this many evals without a lower held-out KL to the teacher")
     noise: NoiseConfig | None = None
     qat: QATConfig | None = None
+    teacher_source: Literal["online", "store"] = Field(
+        "online", description="online: run the teacher every step; store: read the capture stage's logit store")
+    generations: int = Field(1, ge=1, description="born-again: each generation's student teaches the next")
+    on_policy: OnPolicyConfig | None = None
     losses: LossesConfig = LossesConfig()
 
 
@@ -371,10 +433,31 @@ class Recipe(Strict):
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig
     data: DataConfig
+    capture: CaptureConfig | None = None
+    ensemble: EnsembleConfig | None = None
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
     generate: GenerateConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        d = self.distill
+        if d.teacher_source == "store":
+            if self.capture is None:
+                raise ValueError("distill.teacher_source: store needs a capture section (k, temperature)")
+            if abs(self.capture.temperature - d.losses.kd.temperature) > 1e-9:
+                raise ValueError(f"capture.temperature ({self.capture.temperature}) differs from "
+                                 f"distill.losses.kd.temperature ({d.losses.kd.temperature})")
+            if self.data.format != "blocks":
+                raise ValueError("distill.teacher_source: store works with data.format: blocks")
+        if self.ensemble is not None and self.ensemble.weights is not None \
+                and len(self.ensemble.weights) != 1 + len(self.ensemble.members):
+            raise ValueError(f"ensemble.weights: {len(self.ensemble.weights)} weights for "
+                             f"{1 + len(self.ensemble.members)} teachers (the main teacher comes first)")
+        if self.data.source.kind == "generated" and self.generate is None:
+            raise ValueError("data.source: kind generated needs a generate section")
+        return self
 
     @property
     def run_path(self) -> Path:
@@ -392,7 +475,7 @@ def _format_errors(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_TAGS = {"corpus", "text", "jsonl"}  # discriminated-union tags pydantic puts in error paths
+_TAGS = {"corpus", "text", "jsonl", "generated", "teacher_samples"}  # discriminated-union tags pydantic puts in error paths
 
 
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:

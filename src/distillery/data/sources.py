@@ -212,3 +212,84 @@ def to_blocks(docs: list[Document], tokenizer, block_size: int, heldout_fraction
         n = len(ids) // block_size
         return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
     return cut(train), cut(held)
+
+
+# ---------------------------------------------------------------- prompt/response pairs
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    """``(prompt, response)`` records of a JSONL file (the prompt as the teacher saw it)."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str):
+                raise DataError(f"{path}:{n}: format pairs needs string fields 'prompt' and 'response'")
+            pairs.append((rec["prompt"], rec["response"]))
+    if not pairs:
+        raise DataError(f"{path}: no records")
+    return pairs
+
+
+def to_pairs(pairs: list[tuple[str, str]], tokenizer, max_len: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on the prompt and padding),
+    so the loss falls on the response tokens only. Prompt and response are tokenised apart so the
+    boundary is exact; over-long examples keep their prompt's end and the response's start."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids = torch.full((len(pairs), max_len), pad, dtype=torch.long)
+    mask = torch.zeros((len(pairs), max_len), dtype=torch.long)
+    labels = torch.full((len(pairs), max_len), -100, dtype=torch.long)
+    for i, (prompt, response) in enumerate(pairs):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        p = p[-(max_len // 2):] if len(p) + len(r) > max_len else p
+        r = r[: max_len - len(p)]
+        row = p + r
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, len(p): len(row)] = torch.tensor(r)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------- data-free: the teacher's own samples
+
+
+@torch.no_grad()
+def teacher_samples(model, tokenizer, source, seed: int, progress: bool = False) -> list[Document]:
+    """Texts sampled from the teacher itself, from BOS or from seed prompts taken in turn; the
+    temperature, top-p and repetition penalty control their diversity; exact duplicates are dropped."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    starts = source.seed_prompts or [""]
+    docs, seen = [], set()
+    tokenizer.padding_side = "left"
+    bar = tqdm(total=source.num_samples, desc="teacher samples", disable=not progress, leave=False)
+    for b, start in enumerate(range(0, source.num_samples, source.batch_size)):
+        n = min(source.batch_size, source.num_samples - start)
+        texts = [starts[(start + i) % len(starts)] for i in range(n)]
+        enc = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(e) for e in enc)
+        ids = torch.tensor([[tokenizer.pad_token_id or bos] * (width - len(e)) + e for e in enc], device=device)
+        attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+        torch.manual_seed(seed * 1_000_003 + b)  # each batch's samples depend on the seed and batch only
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=source.temperature,
+                             top_p=source.top_p, repetition_penalty=source.repetition_penalty,
+                             max_new_tokens=source.max_new_tokens, pad_token_id=tokenizer.pad_token_id or bos)
+        for i, row in enumerate(out):
+            text = texts[i] + tokenizer.decode(row[width:], skip_special_tokens=True)
+            if text.strip() and text not in seen:
+                seen.add(text)
+                docs.append(Document(f"teacher_sample/{start + i}", text))
+        bar.update(n)
+    bar.close()
+    if not docs:
+        raise DataError("data.source teacher_samples: the teacher produced no text")
+    return docs

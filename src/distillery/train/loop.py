@@ -84,9 +84,9 @@ def predicted_tokens(batch: dict) -> int:
 
 
 def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Tensor | dict, cfg: DistillConfig, *,
-          out_dir: Path, seed: int = 0, eval_blocks: torch.Tensor | None = None,
+          out_dir: Path, seed: int = 0, eval_blocks: torch.Tensor | dict | None = None,
           eval_teacher: torch.nn.Module | None = None, progress: bool = True, log=print,
-          distiller: Distiller | None = None) -> list[dict]:
+          distiller: Distiller | None = None, batch_transform=None) -> list[dict]:
     """Distil ``student`` in place; checkpoints and ``train.jsonl`` go to ``out_dir``. Resumes from the
     newest checkpoint there. ``train_data``: ``[N, T]`` token blocks, or a dict of ``[N, T]`` tensors
     (``input_ids`` and optionally ``attention_mask``, ``labels`` with -100 for ignored targets).
@@ -130,12 +130,18 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
         t0 = time.perf_counter()
         idx = step_indices(step, per_rank * world_size, n_examples, seed)
         mine = idx[rank * per_rank:(rank + 1) * per_rank]
-        batch = {k: v[mine].to(device) for k, v in data.items()}
+        batch = {**{k: v[mine].to(device) for k, v in data.items()}, "example_ids": mine.to(device)}
+        if batch_transform is not None:  # e.g. on-policy: the student's own completions replace the batch
+            batch = batch_transform(batch, step)
         # Normalise by the global count of predicted tokens (all micro-batches and ranks).
-        n_tokens = predicted_tokens({k: v[idx] for k, v in data.items()})
+        n_tokens = predicted_tokens(batch)
+        if world_size > 1:
+            count = torch.tensor([n_tokens], dtype=torch.float64)
+            dist.all_reduce(count)
+            n_tokens = int(count.item())
         terms: dict[str, float] = {}
         with hidden_noise(student, cfg.noise):
-            for i in range(0, per_rank, cfg.batch_size):
+            for i in range(0, len(batch["input_ids"]), cfg.batch_size):
                 micro = {k: v[i:i + cfg.batch_size] for k, v in batch.items()}
                 with autocast(cfg, device):
                     # DDP averages gradients over ranks: scale each rank's loss so the average is the global mean.
@@ -157,7 +163,9 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
             rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         stop = False
         if eval_blocks is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) and rank == 0:
-            m = evaluate_models({"student": student}, eval_blocks[: cfg.eval_blocks], teacher=eval_teacher)["student"]
+            held = ({k: v[: cfg.eval_blocks] for k, v in eval_blocks.items()} if isinstance(eval_blocks, dict)
+                    else eval_blocks[: cfg.eval_blocks])
+            m = evaluate_models({"student": student}, held, teacher=eval_teacher)["student"]
             rec.update({f"eval_{k}": v for k, v in m.items() if k != "tokens"})
             if "kl_to_teacher" in m:
                 best, stale = (m["kl_to_teacher"], 0) if m["kl_to_teacher"] < best else (best, stale + 1)

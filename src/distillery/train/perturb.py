@@ -38,12 +38,16 @@ def hidden_noise(student: torch.nn.Module, noise):
             h.remove()
 
 
-def _base_config(qat):
-    from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig
+def _fake_quant_configs(qat) -> dict:
+    """torchao fake-quantization configs for a recipe scheme (explicit, so no torchao PTQ config
+    name has to exist in the installed version)."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
 
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=qat.group_size, is_symmetric=True)
     if qat.scheme == "int8_dynamic_act_int4_weight":
-        return Int8DynamicActivationInt4WeightConfig(group_size=qat.group_size)
-    return Int4WeightOnlyConfig(group_size=qat.group_size)
+        return {"activation_config": IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
+                "weight_config": weight}
+    return {"weight_config": weight}
 
 
 def prepare_qat(student: torch.nn.Module, qat) -> torch.nn.Module:
@@ -54,7 +58,7 @@ def prepare_qat(student: torch.nn.Module, qat) -> torch.nn.Module:
     except ImportError as e:
         raise RuntimeError(f"distill.qat needs torchao (pip install torchao): {e}") from None
     head = student.get_output_embeddings()
-    quantize_(student, QATConfig(_base_config(qat), step="prepare"),
+    quantize_(student, QATConfig(**_fake_quant_configs(qat), step="prepare"),
               filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
     return student
 
