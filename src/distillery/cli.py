@@ -78,6 +78,31 @@ _stage_command("evaluate", ["evaluate"], "Evaluate teacher, initial student and 
 _stage_command("report", ["report"], "Write report.html.")
 
 
+@app.command()
+def sweep(recipe: Path = RecipeArg,
+          set: list[str] = typer.Option(..., "--set", help="a grid axis: dotted.key=v1,v2,... (repeatable)")):
+    """Run a grid of recipes, each point its own run folder; write a comparison table and chart."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from distillery.models.load import ModelLoadError
+    from distillery.sweep import run_sweep
+
+    try:
+        rows = run_sweep(recipe, set, log=lambda m: typer.echo(m))
+    except RecipeError as e:
+        _fail(str(e))
+    except (ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    table = Table(title="sweep")
+    cols = [c for c in rows[0] if c != "run" and not c.startswith(("teacher.", "student_init."))]
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    Console().print(table)
+
+
 logits_app = typer.Typer(help="The logit store.", no_args_is_help=True)
 app.add_typer(logits_app, name="logits")
 

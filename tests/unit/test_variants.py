@@ -146,3 +146,25 @@ def test_compression_aware_noise_and_qat(tiny_teacher_dir, lee_file, tmp_path):
 
     with safe_open(str(tmp_path / "runs" / "v" / "student" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "fake_quant" in k or "quantizer" in k]
+
+
+def test_sweep_runs_a_grid_and_tabulates(tiny_teacher_dir, lee_file, tmp_path):
+    import yaml
+
+    from distillery.sweep import run_sweep
+
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, lee_file, distill={"steps": 6})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    rows = run_sweep(path, ["distill.lr=1e-3,3e-3", "distill.losses.kd.temperature=1.0,2.0"], progress=False,
+                     log=lambda m: None)
+    assert len(rows) == 4 and len({r["run"] for r in rows}) == 4
+    assert {(r["distill.lr"], r["distill.losses.kd.temperature"]) for r in rows} == {
+        ("1e-3", "1.0"), ("1e-3", "2.0"), ("3e-3", "1.0"), ("3e-3", "2.0")}
+    assert all(r["student.kl_to_teacher"] > 0 for r in rows)
+    out = tmp_path / "runs" / "v-sweep"
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert len(json.loads((out / "sweep.json").read_text())["rows"]) == 4
+    # Data and the student cut are shared by content hash per point folder, never mixed between points.
+    assert len({json.loads((Path(r["run"]) / "manifest.json").read_text())["stages"]["distill"]["input_hash"]
+                for r in rows}) == 4
