@@ -182,7 +182,12 @@ def _teacher_signal(ctx: Context):
     members = [main]
     for m in r.ensemble.members:
         loaded = load_model(m.model, device=m.device, dtype=m.dtype, cache=r.cache_dir, gguf_file=m.gguf_file)
-        members.append(OnlineTeacher(loaded.model, model_id=m.model, tokenizer_fingerprint=loaded.fingerprint))
+        model, model_id = loaded.model, m.model
+        if m.keep_layers is not None:
+            from distillery.models.student import cut_layers
+
+            model, model_id = cut_layers(model, m.keep_layers), f"{m.model}[layers {m.keep_layers}]"
+        members.append(OnlineTeacher(model, model_id=model_id, tokenizer_fingerprint=loaded.fingerprint))
     return EnsembleTeacher(members, r.ensemble.weights, route_by=r.ensemble.route_by, routes=r.ensemble.routes)
 
 
@@ -264,10 +269,25 @@ def stage_evaluate(ctx: Context) -> list[str]:
                               progress=ctx.progress)
     results = {k: v for k, v in results.items() if k in r.evaluate.variants}
     atomic_write_json(ctx.run / "eval" / "summary.json", results)
+    outputs = ["eval/summary.json"]
+    if r.evaluate.slices:
+        from distillery.data.sources import read_source, to_blocks
+
+        slices = {}
+        for name, source in r.evaluate.slices.items():
+            _, blocks = to_blocks(read_source(source, r.cache_dir), teacher.tokenizer, r.data.block_size, 0.5)
+            scores = evaluate_models(models, blocks[: r.evaluate.eval_blocks], teacher=teacher.model,
+                                     batch_size=r.evaluate.batch_size, progress=ctx.progress)
+            slices[name] = {k: v for k, v in scores.items() if k in r.evaluate.variants}
+            for variant, m in slices[name].items():
+                ctx.log(f"evaluate: [{name}] {variant:13s} perplexity {m['perplexity']:12.2f}   "
+                        f"KL to teacher {m['kl_to_teacher']:.4f}")
+        atomic_write_json(ctx.run / "eval" / "slices.json", slices)
+        outputs.append("eval/slices.json")
     for name, m in results.items():
         ctx.log(f"evaluate: {name:13s} perplexity {m['perplexity']:12.2f}   KL to teacher {m['kl_to_teacher']:.4f}"
                 f"   top-1 agreement {m['top1_agreement']:.3f}")
-    return ["eval/summary.json"]
+    return outputs
 
 
 def stage_report(ctx: Context) -> list[str]:

@@ -33,6 +33,8 @@ class TeacherConfig(Strict):
     gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a folder or hub repo)")
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    keep_layers: list[int] | None = Field(
+        None, description="use only these decoder layers of the model (e.g. a smaller ensemble member)")
 
 
 class CutConfig(Strict):
@@ -289,6 +291,8 @@ class DistillConfig(Strict):
 class EvaluateConfig(Strict):
     eval_blocks: int = Field(32, ge=1, description="held-out blocks scored per model variant")
     batch_size: int = Field(8, ge=1)
+    slices: dict[str, Source] = Field(
+        {}, description="more text to score every variant on, by name (e.g. another domain); -> eval/slices.json")
     variants: list[Literal["teacher", "student_init", "student"]] = ["teacher", "student_init", "student"]
 
 
