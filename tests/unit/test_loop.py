@@ -166,4 +166,4 @@ def test_one_line_in_a_users_own_loop(blocks):
     # ---
     after = evaluate_models({"s": student}, blocks[:8], teacher=teacher)["s"]["kl_to_teacher"]
     assert after < 0.7 * before
-    assert set(kd.last_terms) == {"kd", "loss"}
+    assert set(kd.last_terms) == {"kd", "kd_weighted", "loss"}

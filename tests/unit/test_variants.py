@@ -168,3 +168,46 @@ def test_sweep_runs_a_grid_and_tabulates(tiny_teacher_dir, lee_file, tmp_path):
     # Data and the student cut are shared by content hash per point folder, never mixed between points.
     assert len({json.loads((Path(r["run"]) / "manifest.json").read_text())["stages"]["distill"]["input_hash"]
                 for r in rows}) == 4
+
+
+def test_hidden_state_and_attention_kd_with_token_kd(tiny_teacher_dir, lee_file, tmp_path):
+    """Representation matching lowers its own terms; projection heads stay out of the student."""
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, lee_file, student={"config": {"num_hidden_layers": 2,
+                                                                                   "hidden_size": 16,
+                                                                                   "intermediate_size": 32}},
+                         distill={"steps": 30, "losses": {"kd": {"weight": 1.0},
+                                                          "hidden": {"weight": 1.0, "kind": "cosine"},
+                                                          "attention": {"weight": 1.0}}})
+    summary = run(recipe)
+    assert_kl_lowered(summary, 0.8)
+    log = [json.loads(x) for x in (tmp_path / "runs" / "v" / "train.jsonl").read_text().splitlines()]
+    first, last = log[:5], log[-5:]
+    for term in ("hidden", "attention", "kd"):
+        assert sum(r[term] for r in last) < 0.9 * sum(r[term] for r in first), term
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "runs" / "v" / "student" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "projector" in k or "heads" in k]
+    state = torch.load(sorted((tmp_path / "runs" / "v" / "checkpoints").glob("step-*.pt"))[-1], weights_only=False)
+    assert state["distiller"]["projector"]  # the heads (16 -> 32 wide) are trained and checkpointed
+
+
+def test_schedules_and_magnitude_balancing_are_applied(trained_tiny_teacher):
+    from distillery.models.student import cut_layers
+    from distillery.recipe import LossesConfig
+    from distillery.signals.online import OnlineTeacher
+    from distillery.train.distiller import Distiller
+
+    losses = LossesConfig(ce_weight=1.0, kd={"weight": 1.0}, balance={"mode": "magnitude", "reference": "ce"},
+                          schedules={"alpha": {"kind": "linear", "start": 0.0, "end": 2.0, "steps": 10},
+                                     "temperature": {"kind": "linear", "start": 4.0, "end": 1.0, "steps": 10}})
+    student = cut_layers(trained_tiny_teacher, [0, 3])
+    kd = Distiller(student, OnlineTeacher(trained_tiny_teacher, model_id="t", tokenizer_fingerprint="x"), losses)
+    assert kd.weights_at(0)["kd"] == 0.0 and kd.weights_at(5)["kd"] == pytest.approx(1.0)
+    assert kd.weights_at(10)["temperature"] == pytest.approx(1.0) and kd.weights_at(0)["temperature"] == 4.0
+    batch = {"input_ids": torch.randint(0, 512, (2, 16))}
+    kd.loss(batch, step=5)
+    t = kd.last_terms
+    # Magnitude balancing: the KD term enters at the size of the CE term, times its scheduled weight.
+    assert t["kd_weighted"] == pytest.approx(1.0 * t["ce"], rel=1e-5)
+    assert t["loss"] == pytest.approx(t["ce_weighted"] + t["kd_weighted"], rel=1e-6)

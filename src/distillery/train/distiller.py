@@ -1,20 +1,30 @@
 """Distillation as one line in anyone's loop (the ModelOpt pattern)::
 
     kd = Distiller(student, teacher_signal, losses=recipe.distill.losses)
-    loss = kd.loss(batch)          # task CE + alpha * T^2 * KL, as configured
+    loss = kd.loss(batch)          # task CE + alpha * T^2 * KL + beta * hidden ... as configured
     loss.backward()
 
-``kd.last_terms`` holds every term of the last call, as floats, for logging.
+``kd.last_terms`` holds every term of the last call, as floats, for logging. Projection heads for
+hidden-state matching live here (``kd.extra_parameters()``), never in the student, so the exported
+student is the plain model.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
+from distillery.losses.attention import attention_maps_loss, eager_attention, even_attention_pairs
+from distillery.losses.balance import LossBalancer
 from distillery.losses.divergences import token_kd_loss
+from distillery.losses.hidden import ProjectionHeads, check_layer_map, even_layer_map, hidden_states_loss
+from distillery.losses.schedules import Ramp
 from distillery.recipe import LossesConfig
-from distillery.signals.base import TeacherSignal
+from distillery.signals.base import Signal, TeacherSignal
+
+_BATCH_KEYS = ("input_ids", "attention_mask", "labels", "loss_mask")
 
 
 class Distiller:
@@ -25,27 +35,85 @@ class Distiller:
         self.losses = losses or LossesConfig()
         self.noise = noise
         self.last_terms: dict[str, float] = {}
+        self.projector: ProjectionHeads | None = None
+        self.hidden_pairs: list[tuple[int, int]] = []
+        self.attention_pairs: list[tuple[int, int]] = []
+        L = self.losses
+        self.representations = L.hidden.weight > 0 or L.attention.weight > 0 or \
+            L.schedules.hidden_weight is not None or L.schedules.attention_weight is not None
+        if self.representations:
+            self._setup_representations()
+        reference = L.balance.reference or ("ce" if L.ce_weight > 0 else "kd")
+        self.balancer = LossBalancer({"ce": L.ce_weight, "kd": L.kd.weight, "hidden": L.hidden.weight,
+                                      "attention": L.attention.weight}, L.balance.mode, reference)
+
+    # ---------------------------------------------------------------- set-up
+
+    @property
+    def teacher_model(self) -> torch.nn.Module:
+        model = getattr(self.teacher, "model", None)
+        if model is None:
+            raise ValueError("distill.losses.hidden/attention: representation matching needs a live teacher "
+                             "(teacher_source: online), not stored or served logits")
+        return model
+
+    def _setup_representations(self) -> None:
+        student = getattr(self.student, "module", self.student)
+        s_cfg, t_cfg = student.config, self.teacher_model.config
+        ls, lt = s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
+        h = self.losses.hidden
+        self.hidden_pairs = (even_layer_map(ls, lt, h.num_pairs) if h.layer_map == "even"
+                             else check_layer_map(h.layer_map, ls, lt))
+        a = self.losses.attention
+        self.attention_pairs = (even_attention_pairs(ls, lt) if a.layer_map == "even"
+                                else [tuple(p) for p in a.layer_map])
+        for s, t in self.attention_pairs:
+            if not (0 <= s < ls and 0 <= t < lt):
+                raise ValueError(f"distill.losses.attention.layer_map: pair {[s, t]} outside the models' "
+                                 f"{ls} and {lt} layers")
+        device = next(student.parameters()).device
+        self.projector = ProjectionHeads(self.hidden_pairs, s_cfg.hidden_size, t_cfg.hidden_size).to(device)
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         """Trainable parameters that are not the student's (projection heads); never exported."""
-        return []
+        return list(self.projector.parameters()) if self.projector is not None else []
 
     def state_dict(self) -> dict:
-        return {}
+        return {"projector": self.projector.state_dict()} if self.projector is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.projector is not None and "projector" in state:
+            self.projector.load_state_dict(state["projector"])
+
+    # ---------------------------------------------------------------- schedules
+
+    def weights_at(self, step: int | None) -> dict[str, float]:
+        """Every scheduled value at an optimiser step (the configured constants when step is None)."""
+        L, sc = self.losses, self.losses.schedules
+        out = {"ce": L.ce_weight, "kd": L.kd.weight, "hidden": L.hidden.weight, "attention": L.attention.weight,
+               "temperature": L.kd.temperature, "beta": L.kd.beta}
+        if step is None:
+            return out
+        for key, ramp in (("kd", sc.alpha), ("beta", sc.beta), ("hidden", sc.hidden_weight),
+                          ("attention", sc.attention_weight), ("temperature", sc.temperature)):
+            if ramp is not None:
+                out[key] = Ramp(ramp.start, ramp.end, ramp.kind, ramp.steps, ramp.delay)(step)
+        if step < sc.representation_start_step:
+            out["hidden"] = out["attention"] = 0.0
+        return out
+
+    # ---------------------------------------------------------------- the loss
 
     def loss(self, batch: dict, num_tokens: float | torch.Tensor | None = None, step: int | None = None,
              **overrides) -> torch.Tensor:
         """The training loss of one (micro-)batch.
 
         ``batch``: ``input_ids [B,T]``, optional ``attention_mask``, ``labels`` (-100 = ignore; default:
-        the input ids where the mask is set) and ``loss_mask`` (positions to distil; default: the
-        attention mask). ``num_tokens``: the global number of predicted tokens of the whole optimiser
-        step (all micro-batches and ranks), so accumulation and data parallelism do not change the loss.
-        ``overrides`` (e.g. ``temperature=``, ``weight=``) replace the configured KD values for this call,
-        for schedules.
+        the input ids where the mask is set) and ``loss_mask`` (positions to distil; default: all
+        predicted positions); other keys (e.g. ``example_ids``) go to the teacher signal.
+        ``num_tokens``: the predicted tokens of the whole optimiser step (all micro-batches and ranks),
+        so accumulation and data parallelism do not change the loss. ``step`` evaluates the recipe's
+        schedules; ``overrides`` (``temperature=``, ``weight=``, ``beta=`` ...) replace KD settings.
         """
         input_ids = batch["input_ids"]
         attn = batch.get("attention_mask")
@@ -54,33 +122,60 @@ class Distiller:
         labels = batch.get("labels")
         if labels is None:
             labels = input_ids.masked_fill(attn == 0, -100)
-        # Position t predicts token t+1: both the task loss and KD use the logits of positions 0..T-2.
+        # Position t predicts token t+1: every term uses positions 0..T-2.
         predict = labels[:, 1:] != -100
-        kd_mask = batch.get("loss_mask", predict.new_ones(predict.shape))
-        kd_mask = kd_mask[:, : predict.shape[1]].bool() & predict
-
-        out = self.student(input_ids=input_ids, attention_mask=attn)
-        logits = out.logits[:, :-1]
-        if self.noise is not None and self.noise.logits_std > 0 and self.student.training:
-            logits = logits + torch.randn_like(logits) * self.noise.logits_std
-        kd = self.losses.kd.model_copy(update=overrides)
+        mask = batch.get("loss_mask", predict.new_ones(predict.shape))[:, : predict.shape[1]].bool() & predict
         n = num_tokens if num_tokens is not None else predict.sum()
-        total = logits.new_zeros((), dtype=torch.float32)
-        terms = {}
-        if self.losses.ce_weight > 0:
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                 ignore_index=-100, reduction="sum") / torch.as_tensor(n, dtype=torch.float32)
-            total = total + self.losses.ce_weight * ce
-            terms["ce"] = ce.item()
-        if kd.weight > 0:
-            signal = self.teacher(input_ids, attn, **{k: v for k, v in batch.items()
-                                                      if k not in ("input_ids", "attention_mask", "labels", "loss_mask")})
-            signal = signal.select((slice(None), slice(0, logits.shape[1])))
-            kl = token_kd_loss(logits, signal, kd_mask, divergence=kd.divergence, temperature=kd.temperature,
-                               scale_t2=kd.scale_t2, beta=kd.beta, skew=kd.skew, tail=kd.tail,
-                               num_tokens=n, chunk_size=kd.chunk_size)
-            total = total + kd.weight * kl
-            terms["kd"] = kl.item()
-        terms["loss"] = total.item()
-        self.last_terms = terms
+        w = self.weights_at(step)
+        kd = self.losses.kd.model_copy(update={"temperature": w["temperature"], "beta": w["beta"], **overrides})
+        w["kd"] = overrides.get("weight", w["kd"])
+        need_hidden = self.representations and w["hidden"] > 0
+        need_attn = self.representations and w["attention"] > 0
+
+        student = getattr(self.student, "module", self.student)
+        with eager_attention(student) if need_attn else contextlib.nullcontext():
+            out = self.student(input_ids=input_ids, attention_mask=attn, output_hidden_states=need_hidden,
+                               output_attentions=need_attn)
+        logits = out.logits[:, :-1]
+        if self.noise is not None and self.noise.logits_std > 0 and student.training:
+            logits = logits + torch.randn_like(logits) * self.noise.logits_std
+
+        terms: dict[str, torch.Tensor] = {}
+        if w["ce"] > 0:
+            terms["ce"] = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                          ignore_index=-100, reduction="sum") / torch.as_tensor(n, dtype=torch.float32)
+        if w["kd"] > 0 or need_hidden or need_attn:
+            extra = {k: v for k, v in batch.items() if k not in _BATCH_KEYS}
+            signal, t_out = self._teacher(input_ids, attn, extra, need_hidden, need_attn)
+            if w["kd"] > 0:
+                signal = signal.select((slice(None), slice(0, logits.shape[1])))
+                terms["kd"] = token_kd_loss(logits, signal, mask, divergence=kd.divergence, temperature=kd.temperature,
+                                            scale_t2=kd.scale_t2, beta=kd.beta, skew=kd.skew, tail=kd.tail,
+                                            num_tokens=n, chunk_size=kd.chunk_size)
+            if need_hidden:
+                h = self.losses.hidden
+                terms["hidden"] = hidden_states_loss([s[:, :-1] for s in out.hidden_states],
+                                                     [t[:, :-1] for t in t_out.hidden_states], self.hidden_pairs, mask,
+                                                     projector=self.projector, kind=h.kind,
+                                                     temperature=h.infonce_temperature, num_tokens=n)
+            if need_attn:
+                terms["attention"] = attention_maps_loss([a[:, :, :-1] for a in out.attentions],
+                                                         [a[:, :, :-1] for a in t_out.attentions], self.attention_pairs,
+                                                         mask, head_mode=self.losses.attention.head_mode, num_tokens=n)
+        if not terms:
+            raise ValueError("distill.losses: every loss weight is 0 at this step; nothing to train on")
+        total, logs = self.balancer(terms, {k: w[k] for k in terms})
+        self.last_terms = {**{k.removeprefix("loss/"): v for k, v in logs.items() if k != "loss/total"},
+                           "loss": logs["loss/total"]}
         return total
+
+    def _teacher(self, input_ids, attn, extra: dict, hidden: bool, attentions: bool):
+        """The teacher's signal, plus its hidden states / attention maps when representations are matched."""
+        if not (hidden or attentions):
+            return self.teacher(input_ids, attn, **extra), None
+        model = self.teacher_model
+        dev = next(model.parameters()).device
+        with torch.no_grad(), eager_attention(model) if attentions else contextlib.nullcontext():
+            t_out = model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=hidden,
+                          output_attentions=attentions)
+        return Signal(self.teacher.identity, logits=t_out.logits.to(input_ids.device)), t_out
