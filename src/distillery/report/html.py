@@ -89,6 +89,14 @@ def write_report(run: Path, title: str = "Distillery run") -> Path:
         sections += ["<h2>Evaluation (held-out)</h2>", _table(summary)]
         if (png := plot_variants(summary)):
             sections.append(f'<img alt="variants" src="data:image/png;base64,{png}">')
+    slices = run / "eval" / "slices.json"
+    if slices.is_file():
+        for name, table in read_json(slices).items():
+            sections += [f"<h2>Slice: {html.escape(name)}</h2>", _table(table)]
+    generations = run / "eval" / "generations.json"
+    if generations.is_file():
+        gens = {f"generation {g['generation']}": g for g in read_json(generations)}
+        sections += ["<h2>Born-again generations (against the original teacher)</h2>", _table(gens)]
     if (png := plot_training(records)):
         sections += ["<h2>Training</h2>", f'<img alt="training curves" src="data:image/png;base64,{png}">']
     stage_rows = "".join(

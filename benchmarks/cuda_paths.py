@@ -1,0 +1,96 @@
+"""The CUDA paths on a GPU: bf16 autocast distillation vs fp32, a bf16 teacher beside an fp32
+student, and the KD loss on bf16 logits against a float64 reference.
+
+Models have the real SmolLM2-135M architecture (30 layers, width 576, vocab 49152) with random
+weights, so the script needs no download; the student keeps 15 of the teacher's layers.
+
+    python benchmarks/cuda_paths.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_results  # noqa: E402
+
+from distillery.losses.divergences import token_kd_loss  # noqa: E402
+from distillery.models.student import cut_layers, evenly_spaced  # noqa: E402
+from distillery.recipe import DistillConfig  # noqa: E402
+from distillery.signals.base import Signal, TeacherIdentity  # noqa: E402
+from distillery.signals.online import OnlineTeacher  # noqa: E402
+from distillery.train.loop import train  # noqa: E402
+
+
+def smollm2_like(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+    return LlamaForCausalLM(cfg)
+
+
+def timed_run(teacher, blocks, precision: str, steps: int, teacher_dtype) -> dict:
+    student = cut_layers(teacher, evenly_spaced(30, 15)).float().cuda()
+    signal = OnlineTeacher(teacher, model_id="random-smollm2", tokenizer_fingerprint="-", dtype=teacher_dtype)
+    cfg = DistillConfig(steps=steps, batch_size=8, lr=1e-4, warmup_steps=0, precision=precision,
+                        checkpoint_every=10_000)
+    torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as out:
+        records = train(student, signal, blocks, cfg, out_dir=Path(out), progress=False, log=lambda m: None)
+    times = [r["tokens"] / r["tokens_per_s"] for r in records[2:]]  # skip warm-up steps
+    return {"step_s": statistics.median(times), "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
+            "finite": all(torch.isfinite(torch.tensor(r["loss"])) for r in records)}
+
+
+def loss_bf16_error() -> float:
+    """Relative error of the KD loss on bf16 logits (fp32 math inside) vs float64 on the same values."""
+    torch.manual_seed(1)
+    s = (torch.randn(4, 256, 49152, device="cuda") * 3).bfloat16()
+    t = (torch.randn(4, 256, 49152, device="cuda") * 3).bfloat16()
+    mask = torch.ones(4, 256, dtype=torch.bool, device="cuda")
+    got = token_kd_loss(s, Signal(TeacherIdentity("t", "-"), logits=t), mask).item()
+    ls, lt = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
+    ref = (lt.exp() * (lt - ls)).sum(-1).mean().item()
+    return abs(got - ref) / ref
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("cuda_paths: no CUDA device here; run it on a GPU machine")
+    steps = 6 if args.quick else 20
+    teacher = smollm2_like().cuda().eval()
+    blocks = torch.randint(0, 49152, (steps * 8, 512))
+    runs = {}
+    for name, precision, tdtype in (("fp32", "fp32", None), ("bf16", "bf16", "bfloat16")):
+        t = teacher if tdtype is None else smollm2_like().cuda().eval()
+        runs[name] = timed_run(t, blocks, precision, steps, tdtype)
+    metrics = {f"{k}_{m}": float(v) for k, r in runs.items() for m, v in r.items()}
+    metrics["bf16_over_fp32_step_time"] = runs["bf16"]["step_s"] / runs["fp32"]["step_s"]
+    metrics["bf16_over_fp32_peak_memory"] = runs["bf16"]["peak_gb"] / runs["fp32"]["peak_gb"]
+    metrics["first_loss_rel_diff"] = abs(runs["bf16"]["first_loss"] - runs["fp32"]["first_loss"]) / runs["fp32"]["first_loss"]
+    metrics["kd_loss_bf16_rel_error"] = loss_bf16_error()
+    print_table([(k, f"{r['step_s'] * 1000:.0f} ms", f"{r['peak_gb']:.2f} GB", f"{r['first_loss']:.4f}",
+                  f"{r['last_loss']:.4f}") for k, r in runs.items()],
+                ("precision", "step (8x512 tok)", "peak memory", "first loss", "last loss"))
+    print(f"bf16/fp32 step time {metrics['bf16_over_fp32_step_time']:.2f}, peak memory "
+          f"{metrics['bf16_over_fp32_peak_memory']:.2f}; KD loss on bf16 logits vs float64: "
+          f"{metrics['kd_loss_bf16_rel_error']:.2e} relative")
+    write_results("cuda_paths", metrics, {"steps": steps, "batch": 8, "seq_len": 512, "device": torch.cuda.get_device_name(0)})
+
+
+if __name__ == "__main__":
+    main()
