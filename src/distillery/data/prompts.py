@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillery.data.sources import DataError
+from distillery.data.sources import DataError, jsonl_rows
 
 
 @dataclass(frozen=True)
@@ -67,18 +67,7 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _rows_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object")
-        rows.append(row)
-    return rows
+    return [row for _, row in jsonl_rows(path)]
 
 
 def _rows_csv(path: Path) -> list[dict]:

@@ -145,29 +145,42 @@ def read_text_file(path: Path) -> list[Document]:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
+def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line; a bad line is an error naming file:line."""
+    try:
+        lines = Path(path).read_text("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object")
+        rows.append((n, row))
+    return rows
+
+
 def read_jsonl(path: Path, field: str | None = None) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if field:
-                if field not in rec:
-                    raise DataError(f"{path}:{n}: no field {field!r}")
-                text = rec[field]
-            elif "text" in rec:
-                text = rec["text"]
-            elif "prompt" in rec and "response" in rec:
-                text = rec["prompt"] + rec["response"]
-            else:
-                raise DataError(f"{path}:{n}: needs a 'text' field or 'prompt' and 'response' (or set field:)")
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{n}: field is {type(text).__name__}, expected a string")
-            docs.append(Document(str(rec.get("id", f"{path.name}:{n}")), text))
+    for n, rec in jsonl_rows(path):
+        if field:
+            if field not in rec:
+                raise DataError(f"{path}:{n}: no field {field!r}")
+            text = rec[field]
+        elif "text" in rec:
+            text = rec["text"]
+        elif "prompt" in rec and "response" in rec:
+            text = rec["prompt"] + rec["response"]
+        else:
+            raise DataError(f"{path}:{n}: needs a 'text' field or 'prompt' and 'response' (or set field:)")
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{n}: field is {type(text).__name__}, expected a string")
+        docs.append(Document(str(rec.get("id", f"{path.name}:{n}")), text))
     return docs
 
 
@@ -220,17 +233,10 @@ def to_blocks(docs: list[Document], tokenizer, block_size: int, heldout_fraction
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """``(prompt, response)`` records of a JSONL file (the prompt as the teacher saw it)."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str):
-                raise DataError(f"{path}:{n}: format pairs needs string fields 'prompt' and 'response'")
-            pairs.append((rec["prompt"], rec["response"]))
+    for n, rec in jsonl_rows(path):
+        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str):
+            raise DataError(f"{path}:{n}: format pairs needs string fields 'prompt' and 'response'")
+        pairs.append((rec["prompt"], rec["response"]))
     if not pairs:
         raise DataError(f"{path}: no records")
     return pairs
