@@ -174,6 +174,14 @@ def _teacher_signal(ctx: Context):
         signal.identity.check_compatible(tokenizer_fingerprint=teacher.fingerprint, k=r.capture.k,
                                          temperature=r.distill.losses.kd.temperature, what=f"{ctx.run / 'logits'}")
         return signal
+    if r.distill.teacher_source == "served":
+        import os
+
+        from distillery.signals.served import ServedTeacher
+
+        sv = r.distill.served
+        return ServedTeacher(sv.base_url, sv.model, tokenizer_fingerprint=teacher.fingerprint, top_k=sv.top_k,
+                             api_key=os.environ.get(sv.api_key_env) if sv.api_key_env else None, timeout=sv.timeout_s)
     main = OnlineTeacher(teacher.model, model_id=r.teacher.model, tokenizer_fingerprint=teacher.fingerprint)
     if r.ensemble is None:
         return main

@@ -256,6 +256,16 @@ class EnsembleConfig(Strict):
     routes: dict[str, int] | None = None
 
 
+class ServedConfig(Strict):
+    """A teacher behind an OpenAI-compatible server that returns prompt log-probs (e.g. vLLM)."""
+
+    base_url: str = Field(..., description="e.g. http://127.0.0.1:8000")
+    model: str = Field(..., description="the served model name")
+    top_k: int = Field(20, ge=1)
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    timeout_s: float = Field(120.0, gt=0)
+
+
 class DistillConfig(Strict):
     steps: int = Field(100, ge=0)
     batch_size: int = Field(4, ge=1)
@@ -278,8 +288,10 @@ class DistillConfig(Strict):
         None, ge=1, description="stop after this many evals without a lower held-out KL to the teacher")
     noise: NoiseConfig | None = None
     qat: QATConfig | None = None
-    teacher_source: Literal["online", "store"] = Field(
-        "online", description="online: run the teacher every step; store: read the capture stage's logit store")
+    teacher_source: Literal["online", "store", "served"] = Field(
+        "online", description="online: run the teacher every step; store: read the capture stage's logit store; "
+        "served: ask an OpenAI-compatible server with prompt logprobs (vLLM) for the teacher's top-k")
+    served: ServedConfig | None = None
     generations: int = Field(1, ge=1, description="born-again: each generation's student teaches the next")
     on_policy: OnPolicyConfig | None = None
     losses: LossesConfig = LossesConfig()
@@ -455,6 +467,8 @@ class Recipe(Strict):
                                  f"distill.losses.kd.temperature ({d.losses.kd.temperature})")
             if self.data.format != "blocks":
                 raise ValueError("distill.teacher_source: store works with data.format: blocks")
+        if d.teacher_source == "served" and d.served is None:
+            raise ValueError("distill.teacher_source: served needs distill.served (base_url, model)")
         if self.ensemble is not None and self.ensemble.weights is not None \
                 and len(self.ensemble.weights) != 1 + len(self.ensemble.members):
             raise ValueError(f"ensemble.weights: {len(self.ensemble.weights)} weights for "
