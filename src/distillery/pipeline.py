@@ -8,6 +8,7 @@ reads from, so changing the data re-runs everything downstream and nothing upstr
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -212,14 +213,22 @@ def stage_distill(ctx: Context) -> list[str]:
     from distillery.train.onpolicy import OnPolicyBatches
     from distillery.train.perturb import has_qat, strip_qat
 
+    from distillery.train.loop import barrier, full_state_dict, init_distributed, world
+
+    init_distributed()
+    rank, world_size = world()
+    if world_size > 1 and ctx.recipe.distill.generations > 1:
+        raise RuntimeError("distill.generations > 1 (born-again) runs in one process, not under torchrun")
     r, teacher = ctx.recipe, ctx.teacher()
     # Checkpoints resume only the run that wrote them: other inputs (or --force) start from step 0.
     owner = ctx.run / "checkpoints" / "inputs.json"
-    if ctx.force or (owner.is_file() and read_json(owner).get("input_hash") != ctx.input_hash):
-        for stale in ("checkpoints", "generations"):
-            shutil.rmtree(ctx.run / stale, ignore_errors=True)
-        (ctx.run / "train.jsonl").unlink(missing_ok=True)
-    atomic_write_json(owner, {"input_hash": ctx.input_hash})
+    if rank == 0:
+        if ctx.force or (owner.is_file() and read_json(owner).get("input_hash") != ctx.input_hash):
+            for stale in ("checkpoints", "generations"):
+                shutil.rmtree(ctx.run / stale, ignore_errors=True)
+            (ctx.run / "train.jsonl").unlink(missing_ok=True)
+        atomic_write_json(owner, {"input_hash": ctx.input_hash})
+    barrier()
     device = next(teacher.model.parameters()).device
     student = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32).to(device)
     signal = _teacher_signal(ctx)
@@ -254,6 +263,14 @@ def stage_distill(ctx: Context) -> list[str]:
         for m in per_generation:
             ctx.log(f"distill: generation {m['generation']}: perplexity {m['perplexity']:.2f}, "
                     f"KL to teacher {m['kl_to_teacher']:.4f}")
+    if world_size > 1:
+        state = full_state_dict(student)  # a collective: every rank takes part, rank 0 gets the tensors
+        if rank == 0:
+            plain = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32)
+            plain.load_state_dict(state)
+            _save_hf(plain, tok, ctx.run / "student")
+        barrier()
+        return ["student", "train.jsonl"]
     _save_hf(student, tok, ctx.run / "student")
     if records:
         last = records[-1]
@@ -364,11 +381,20 @@ def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = 
                log: Callable[[str], None] = print) -> dict:
     """Run the named stages (default: all, in order), skipping those already complete."""
     run = recipe.run_path
+    stages = names or [n for n, st in STAGES.items() if st[3](recipe)]
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and stages != ["distill"]:
+        raise RuntimeError("under torchrun only the distill stage runs (`torchrun ... -m distillery.cli distill "
+                           "recipe.yaml`); run `distillery prepare` (and `capture`) in one process first")
+    leader = rank == 0
+    if not leader:
+        log = lambda m: None  # noqa: E731 - one voice per job
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "recipe.yaml", dump_recipe(recipe))
+    if leader:
+        atomic_write_text(run / "recipe.yaml", dump_recipe(recipe))
     manifest = load_manifest(run)
-    ctx = Context(recipe, run, progress, log, force=force)
-    for name in names or [n for n, st in STAGES.items() if st[3](recipe)]:
+    ctx = Context(recipe, run, progress and leader, log, force=force)
+    for name in stages:
         fn, _, upstream, _ = STAGES[name]
         upstream = tuple(u for u in upstream if STAGES[u][3](recipe))
         h = input_hash(recipe, name, manifest)
@@ -382,14 +408,16 @@ def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = 
             raise RuntimeError(f"stage {name} needs {', '.join(missing)} first: run `distillery run` "
                                f"or `distillery {missing[0].replace('_', '-')}`")
         manifest["stages"][name] = {"status": "running", "input_hash": h, "started": time.time()}
-        atomic_write_json(run / "manifest.json", manifest)
+        if leader:
+            atomic_write_json(run / "manifest.json", manifest)
         t0 = time.perf_counter()
         ctx.input_hash = h
         outputs = fn(ctx)
         manifest["stages"][name] = {"status": "complete", "input_hash": h, "outputs": outputs,
                                     "started": manifest["stages"][name]["started"], "finished": time.time(),
                                     "seconds": round(time.perf_counter() - t0, 2), "versions": versions()}
-        atomic_write_json(run / "manifest.json", manifest)
+        if leader:
+            atomic_write_json(run / "manifest.json", manifest)
     return manifest
 
 

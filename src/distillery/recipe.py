@@ -284,6 +284,8 @@ class DistillConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast for the student's forward; auto = bf16 on CUDA with bf16, else fp32")
     gradient_checkpointing: bool = False
+    fsdp: bool = Field(False, description="under torchrun: shard the student with FSDP2 (fully_shard per "
+                       "decoder layer) instead of replicating it with DDP")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many evals without a lower held-out KL to the teacher")
     noise: NoiseConfig | None = None

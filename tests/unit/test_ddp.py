@@ -34,11 +34,14 @@ WORKER = textwrap.dedent("""
     teacher = tiny_llama(layers=4)
     student = cut_layers(teacher, [0, 3])
     blocks = torch.load({blocks!r})
-    cfg = DistillConfig(steps=5, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=1, checkpoint_every=100)
+    cfg = DistillConfig(steps=5, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=1, checkpoint_every=100,
+                        fsdp={fsdp!r})
     recs = train(student, OnlineTeacher(teacher, model_id="t", tokenizer_fingerprint="x"), blocks, cfg,
                  out_dir=__import__("pathlib").Path({out!r}), progress=False)
+    from distillery.train.loop import full_state_dict
+    state = full_state_dict(student)
     if rank == 0:
-        torch.save(student.state_dict(), {out!r} + "/weights.pt")
+        torch.save(state, {out!r} + "/weights.pt")
         json.dump([r["loss"] for r in recs], open({out!r} + "/losses.json", "w"))
     dist.destroy_process_group()
 """)
@@ -46,14 +49,15 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-def test_torchrun_two_ranks_equals_one_process_with_double_accumulation(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_torchrun_two_ranks_equals_one_process_with_double_accumulation(tmp_path, fsdp):
     torch.manual_seed(0)
     blocks = torch.randint(0, 512, (40, 32))
     torch.save(blocks, tmp_path / "blocks.pt")
     out = tmp_path / "ddp"
     out.mkdir()
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), blocks=str(tmp_path / "blocks.pt"), out=str(out)))
+    script.write_text(WORKER.format(root=str(ROOT), blocks=str(tmp_path / "blocks.pt"), out=str(out), fsdp=fsdp))
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -71,3 +75,46 @@ def test_torchrun_two_ranks_equals_one_process_with_double_accumulation(tmp_path
     ddp_weights = torch.load(out / "weights.pt")
     for k, v in student.state_dict().items():
         torch.testing.assert_close(ddp_weights[k], v, atol=1e-5, rtol=0)
+
+
+def _prepare_tiny(tmp_path, teacher_dir, text, **distill):
+    import yaml
+
+    recipe = {
+        "name": "tr", "seed": 0, "run_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+        "teacher": {"model": str(teacher_dir)}, "student": {"from_teacher": {"keep_layers": [0, 3]}},
+        "data": {"source": {"kind": "text", "path": str(text)}, "block_size": 32, "heldout_fraction": 0.1},
+        "distill": {"steps": 6, "batch_size": 2, "lr": 2e-3, "warmup_steps": 1, "eval_every": 3, "eval_blocks": 4,
+                    "checkpoint_every": 3, **distill},
+        "evaluate": {"eval_blocks": 4}, "report": {"enabled": False},
+    }
+    path = tmp_path / "tr.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([sys.executable, "-m", "distillery.cli", "prepare", str(path)], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return path
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_torchrun_distill_stage_from_the_cli(tiny_teacher_dir, lee_file, tmp_path, fsdp):
+    """`torchrun -m distillery.cli distill`: the distill stage under DDP or FSDP2 sharding (gloo, CPU)
+    trains, checkpoints a full state, and saves a plain student; the manifest marks it complete."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = _prepare_tiny(tmp_path, tiny_teacher_dir, lee_file, fsdp=fsdp)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "distillery.cli", "distill",
+                           str(recipe)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "tr"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["distill"]["status"] == "complete"
+    log = [json.loads(x) for x in (run / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7)) and "eval_kl_to_teacher" in log[-1]
+    student = AutoModelForCausalLM.from_pretrained(run / "student")
+    init = AutoModelForCausalLM.from_pretrained(run / "student_init")
+    state = torch.load(sorted((run / "checkpoints").glob("step-*.pt"))[-1], weights_only=False)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(state["model"][k], v)  # the checkpoint holds the full, unsharded model
+    assert any(not torch.equal(v, init.state_dict()[k]) for k, v in student.state_dict().items())

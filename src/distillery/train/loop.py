@@ -101,7 +101,16 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
     if cfg.qat is not None:
         prepare_qat(student, cfg.qat)
     model = student
-    if world_size > 1:
+    fsdp = world_size > 1 and cfg.fsdp
+    if fsdp:  # FSDP2: every decoder layer its own shard group, then the root (embeddings, head)
+        from torch.distributed.fsdp import fully_shard
+
+        from distillery.models.student import decoder_layers
+
+        for layer in decoder_layers(student):
+            fully_shard(layer)
+        fully_shard(student)
+    elif world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     kd = distiller or Distiller(model, teacher, cfg.losses, noise=cfg.noise)
     kd.student = model
@@ -112,9 +121,15 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
     start, records = 0, []
     state = load_latest(ckpt_dir)
     if state is not None:
-        student.load_state_dict(state["model"])
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(student, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            student.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         kd.load_state_dict(state.get("distiller", {}))
-        opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start, records = state["step"], state["records"]
@@ -153,7 +168,13 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
             packed = torch.tensor(list(terms.values()), dtype=torch.float64)
             dist.all_reduce(packed)
             terms = dict(zip(terms, (packed / world_size).tolist()))
+        if world_size > 1:  # projection heads live outside DDP/FSDP: average their gradients by hand
+            for p in kd.extra_parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -162,7 +183,9 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
         if device.type == "cuda":
             rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         stop = False
-        if eval_blocks is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) and rank == 0:
+        # A sharded student's forward is a collective: under FSDP every rank evaluates (rank 0 records).
+        if eval_blocks is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) \
+                and (rank == 0 or fsdp):
             held = ({k: v[: cfg.eval_blocks] for k, v in eval_blocks.items()} if isinstance(eval_blocks, dict)
                     else eval_blocks[: cfg.eval_blocks])
             m = evaluate_models({"student": student}, held, teacher=eval_teacher)["student"]
@@ -170,21 +193,50 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
             if "kl_to_teacher" in m:
                 best, stale = (m["kl_to_teacher"], 0) if m["kl_to_teacher"] < best else (best, stale + 1)
                 stop = cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience
+        if world_size > 1:  # rank 0 decides early stopping for everyone
+            flag = torch.tensor([int(stop)])
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
         records.append(rec)
         bar.set_postfix(loss=f"{terms['loss']:.4f}", **({"eval_kl": f"{rec['eval_kl_to_teacher']:.3f}"}
                                                        if "eval_kl_to_teacher" in rec else {}))
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop) and rank == 0:
-            save_checkpoint(ckpt_dir, step + 1, {"model": student.state_dict(), "optimizer": opt.state_dict(),
-                                                 "scheduler": sched.state_dict(), "records": records,
-                                                 "distiller": kd.state_dict()}, cfg.keep_checkpoints)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
+            model_state, opt_state = full_state_dict(student, opt)
+            if rank == 0:
+                save_checkpoint(ckpt_dir, step + 1, {"model": model_state, "optimizer": opt_state,
+                                                     "scheduler": sched.state_dict(), "records": records,
+                                                     "distiller": kd.state_dict()}, cfg.keep_checkpoints)
         if stop:
             log(f"distill: early stop at step {step + 1} (no better held-out KL in "
                 f"{cfg.early_stopping_patience} evals)")
             break
     return records
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None):
+    """The whole model's (and optimizer's) state. For an FSDP2-sharded model this is a collective
+    that every rank must call; rank 0 receives the tensors, on CPU."""
+    if not is_sharded(model):
+        state = model.state_dict()
+        return state if opt is None else (state, opt.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if opt is None:
+        return get_model_state_dict(model, options=options)
+    return get_state_dict(model, opt, options=options)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def init_distributed() -> bool:
