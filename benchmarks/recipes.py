@@ -50,6 +50,22 @@ def main() -> None:
             metrics[f"{key}_kl_init"] = s["student_init"]["kl_to_teacher"]
             metrics[f"{key}_kl_student"] = s["student"]["kl_to_teacher"]
             metrics[f"{key}_ppl_student"] = s["student"]["perplexity"]
+            # Each loss term's mean over the first and the last 5 steps: does every term go down?
+            log = [json.loads(x) for x in (run / "train.jsonl").read_text().splitlines()]
+            for term in ("kd", "ce", "hidden", "attention"):
+                if term in log[0]:
+                    metrics[f"{key}_{term}_first5"] = sum(r[term] for r in log[:5]) / len(log[:5])
+                    metrics[f"{key}_{term}_last5"] = sum(r[term] for r in log[-5:]) / len(log[-5:])
+            if (run / "eval" / "slices.json").is_file():
+                for slice_name, table in json.loads((run / "eval" / "slices.json").read_text()).items():
+                    for variant in ("student_init", "student"):
+                        metrics[f"{key}_{slice_name}_kl_{variant}"] = table[variant]["kl_to_teacher"]
+            weights = run / "student" / "model.safetensors"
+            from safetensors import safe_open
+
+            with safe_open(str(weights), "pt") as f:
+                metrics[f"{key}_exported_extra_tensors"] = sum(
+                    1 for k in f.keys() if any(w in k for w in ("projector", "fake_quant", "quantizer", "heads.")))
             rows.append((key, f"{seconds:.0f}", f"{s['student_init']['kl_to_teacher']:.3f}",
                          f"{s['student']['kl_to_teacher']:.3f}", f"{s['student']['perplexity']:.1f}",
                          f"{s['teacher']['perplexity']:.1f}"))
