@@ -82,7 +82,6 @@ _stage_command("report", ["report"], "Write report.html.")
 def sweep(recipe: Path = RecipeArg,
           set: list[str] = typer.Option(..., "--set", help="a grid axis: dotted.key=v1,v2,... (repeatable)")):
     """Run a grid of recipes, each point its own run folder; write a comparison table and chart."""
-    from rich.console import Console
     from rich.table import Table
 
     from distillery.models.load import ModelLoadError
@@ -100,7 +99,13 @@ def sweep(recipe: Path = RecipeArg,
         table.add_column(c)
     for r in rows:
         table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
-    Console().print(table)
+    _console().print(table)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)  # pipes and logs get whole tables
 
 
 logits_app = typer.Typer(help="The logit store.", no_args_is_help=True)
@@ -136,9 +141,9 @@ app.add_typer(teachers_app, name="teachers")
 
 @teachers_app.command("compare")
 def teachers_compare(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
-                     prompts: Optional[int] = typer.Option(None, help="how many prompts (default generate.compare_prompts)")):
+                     prompts: Optional[int] = typer.Option(None, help="how many prompts (default generate.compare_prompts)"),
+                     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON")):
     """Run candidate teachers (generate.teachers; the first is the reference) on a sample of prompts."""
-    from rich.console import Console
     from rich.table import Table
 
     from distillery.data.generate import compare_teachers
@@ -153,7 +158,11 @@ def teachers_compare(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt
         table.add_column(col)
     for row in rows:
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
-    Console().print(table)
+    _console().print(table)
+    if json_out:
+        from distillery.io import atomic_write_json
+
+        atomic_write_json(json_out, rows)
 
 
 @app.command()
