@@ -147,6 +147,9 @@ class KDLossConfig(Strict):
     skew: float = Field(0.1, ge=0, le=1, description="skew KL mixing weight")
     tail: Literal["renormalize", "bucket", "uniform"] = "bucket"
     chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the vocabulary-sized math")
+    fused_lm_head: bool = Field(
+        True, description="when KD is the only logit loss, compute the student's logits chunk by chunk from its "
+        "last hidden state, so its full [tokens, vocab] logits are never kept for backward (one process only)")
 
 
 class HiddenLossConfig(Strict):

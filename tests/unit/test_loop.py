@@ -167,3 +167,28 @@ def test_one_line_in_a_users_own_loop(blocks):
     after = evaluate_models({"s": student}, blocks[:8], teacher=teacher)["s"]["kl_to_teacher"]
     assert after < 0.7 * before
     assert set(kd.last_terms) == {"kd", "kd_weighted", "loss"}
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "reverse_kl"])
+def test_fused_lm_head_path_equals_the_plain_one(divergence):
+    """KD fused with the student's lm_head (logits never materialised) gives the same loss and
+    gradients as the plain path, in float64."""
+    from distillery import Distiller
+    from distillery.recipe import LossesConfig
+
+    teacher = tiny_llama(layers=4).double()
+    student = cut_layers(teacher, [0, 3])
+    batch = {"input_ids": torch.randint(0, 512, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    batch["attention_mask"][1, 12:] = 0
+    results = []
+    for fused in (True, False):
+        kd = Distiller(student, OnlineTeacher(teacher, model_id="t", tokenizer_fingerprint="x"),
+                       LossesConfig(kd={"fused_lm_head": fused, "divergence": divergence}))
+        assert (kd._fusable_head(kd.weights_at(None), False, fused) is not None) == fused
+        student.zero_grad()
+        loss = kd.loss(batch, num_tokens=25)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in student.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from distillery.losses.attention import attention_maps_loss, eager_attention, even_attention_pairs
 from distillery.losses.balance import LossBalancer
-from distillery.losses.divergences import token_kd_loss
+from distillery.losses.divergences import token_kd_loss, token_kd_loss_from_hidden
 from distillery.losses.hidden import ProjectionHeads, check_layer_map, even_layer_map, hidden_states_loss
 from distillery.losses.schedules import Ramp
 from distillery.recipe import LossesConfig
@@ -133,12 +133,16 @@ class Distiller:
         need_attn = self.representations and w["attention"] > 0
 
         student = getattr(self.student, "module", self.student)
-        with eager_attention(student) if need_attn else contextlib.nullcontext():
-            out = self.student(input_ids=input_ids, attention_mask=attn, output_hidden_states=need_hidden,
-                               output_attentions=need_attn)
-        logits = out.logits[:, :-1]
-        if self.noise is not None and self.noise.logits_std > 0 and student.training:
-            logits = logits + torch.randn_like(logits) * self.noise.logits_std
+        head = self._fusable_head(w, need_hidden or need_attn, kd.fused_lm_head)
+        if head is not None:  # the student's logits are built chunk by chunk inside the KD loss
+            hidden = student.base_model(input_ids=input_ids, attention_mask=attn).last_hidden_state[:, :-1]
+        else:
+            with eager_attention(student) if need_attn else contextlib.nullcontext():
+                out = self.student(input_ids=input_ids, attention_mask=attn, output_hidden_states=need_hidden,
+                                   output_attentions=need_attn)
+            logits = out.logits[:, :-1]
+            if self.noise is not None and self.noise.logits_std > 0 and student.training:
+                logits = logits + torch.randn_like(logits) * self.noise.logits_std
 
         terms: dict[str, torch.Tensor] = {}
         if w["ce"] > 0:
@@ -148,10 +152,12 @@ class Distiller:
             extra = {k: v for k, v in batch.items() if k not in _BATCH_KEYS}
             signal, t_out = self._teacher(input_ids, attn, extra, need_hidden, need_attn)
             if w["kd"] > 0:
-                signal = signal.select((slice(None), slice(0, logits.shape[1])))
-                terms["kd"] = token_kd_loss(logits, signal, mask, divergence=kd.divergence, temperature=kd.temperature,
-                                            scale_t2=kd.scale_t2, beta=kd.beta, skew=kd.skew, tail=kd.tail,
-                                            num_tokens=n, chunk_size=kd.chunk_size)
+                signal = signal.select((slice(None), slice(0, input_ids.shape[1] - 1)))
+                opts = dict(divergence=kd.divergence, temperature=kd.temperature, scale_t2=kd.scale_t2, beta=kd.beta,
+                            skew=kd.skew, tail=kd.tail, num_tokens=n, chunk_size=kd.chunk_size)
+                terms["kd"] = (token_kd_loss_from_hidden(hidden, head.weight, signal, mask, lm_head_bias=head.bias,
+                                                         **opts) if head is not None
+                               else token_kd_loss(logits, signal, mask, **opts))
             if need_hidden:
                 h = self.losses.hidden
                 terms["hidden"] = hidden_states_loss([s[:, :-1] for s in out.hidden_states],
@@ -168,6 +174,24 @@ class Distiller:
         self.last_terms = {**{k.removeprefix("loss/"): v for k, v in logs.items() if k != "loss/total"},
                            "loss": logs["loss/total"]}
         return total
+
+    def _fusable_head(self, w: dict, representations: bool, enabled: bool) -> torch.nn.Linear | None:
+        """The student's lm_head when the KD loss can be fused with it: KD is the only logit loss, there
+        is no logit noise, the model's logits are a plain linear map of its last hidden state, and the
+        student is not wrapped by DDP/FSDP (whose hooks run only through the wrapper's forward)."""
+        if not enabled or w["ce"] > 0 or w["kd"] <= 0 or representations or self.student is not \
+                getattr(self.student, "module", self.student) or (self.noise is not None and self.noise.logits_std > 0):
+            return None
+        if any(hasattr(p, "full_tensor") for p in self.student.parameters()):
+            return None
+        cfg = self.student.config
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+            return None  # Gemma-style soft-capping or Cohere-style scaling sit between head and logits
+        head = self.student.get_output_embeddings()
+        base = getattr(self.student, "base_model", None)
+        if not isinstance(head, torch.nn.Linear) or base is None or base is self.student:
+            return None
+        return head
 
     def _teacher(self, input_ids, attn, extra: dict, hidden: bool, attentions: bool):
         """The teacher's signal, plus its hidden states / attention maps when representations are matched."""
