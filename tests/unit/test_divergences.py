@@ -378,3 +378,23 @@ def test_hand_assembled_sparse_gradient_equals_autograd(tail, divergence):
     (g_ref,) = torch.autograd.grad(ref, y)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-10)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["random", "near"])
+def test_jsd_within_1e6_of_the_kls_at_the_ends(kind):
+    """The acceptance bound taken literally: |JSD_b - KL| <= 1e-6 at b = 1e-6 and 1 - 1e-6. It holds
+    whenever |KL - chi^2/2| <= 1 (see the rate above), which covers student/teacher pairs of the
+    size KD meets; pairs are checked to be in that regime, so the test cannot pass vacuously."""
+    checked = 0
+    for seed in range(20):
+        s, t = _pair("random", V=16, seed=seed)
+        if kind == "near":
+            t = s + 0.3 * (t - s)
+        p, q = _softmax(t.numpy()), _softmax(s.numpy())
+        fwd, rev = _loss(s, t, "forward_kl").item(), _loss(s, t, "reverse_kl").item()
+        if abs(fwd - float(np.sum((p - q) ** 2 / q)) / 2) > 1 or abs(rev - float(np.sum((p - q) ** 2 / p)) / 2) > 1:
+            continue
+        assert abs(_loss(s, t, "jsd", beta=1e-6).item() - fwd) <= 1e-6
+        assert abs(_loss(s, t, "jsd", beta=1 - 1e-6).item() - rev) <= 1e-6
+        checked += 1
+    assert checked >= (20 if kind == "near" else 5), f"only {checked} pairs in the |KL - chi^2/2| <= 1 regime"
