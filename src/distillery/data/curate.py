@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from distillery.data.prompts import normalise
+from distillery.data.sources import jsonl_rows
 
 CONFIDENCE = "mean_logprob"  # the score that ranks records for staging
 
@@ -226,13 +227,7 @@ def import_review(records: list[dict], path: Path) -> int:
     """Apply a reviewed file (JSONL with ``id`` and ``verdict``: accept/reject); returns how many."""
     by_id = {r["id"]: r for r in records}
     applied = 0
-    for n, line in enumerate(Path(path).read_text("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CurateError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, row in jsonl_rows(Path(path)):
         verdict = row.get("verdict")
         if verdict is None:
             continue  # not reviewed yet
