@@ -287,6 +287,7 @@ class DistillConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast for the student's forward; auto = bf16 on CUDA with bf16, else fp32")
     gradient_checkpointing: bool = False
+    tensorboard: bool = Field(False, description="also log every record to <run>/tensorboard (needs tensorboard)")
     fsdp: bool = Field(False, description="under torchrun: shard the student with FSDP2 (fully_shard per "
                        "decoder layer) instead of replicating it with DDP")
     early_stopping_patience: int | None = Field(

@@ -192,3 +192,28 @@ def test_fused_lm_head_path_equals_the_plain_one(divergence):
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_early_stopping_and_tensorboard(blocks, tmp_path):
+    """A student that cannot improve (a vanishing learning rate) stops after `patience` evals without a
+    lower held-out KL; every record also lands in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distillery.train.checkpoint import list_checkpoints
+
+    teacher = tiny_llama(layers=4)
+    student = cut_layers(teacher, [0, 3])
+    cfg = DistillConfig(steps=20, batch_size=4, optimizer="sgd", lr=1e-30, warmup_steps=0, eval_every=2,
+                        eval_blocks=4, early_stopping_patience=2, checkpoint_every=100, tensorboard=True)
+    messages = []
+    records = train(student, OnlineTeacher(teacher, model_id="t", tokenizer_fingerprint="x"), blocks[8:], cfg,
+                    out_dir=tmp_path, eval_blocks=blocks[:4], eval_teacher=teacher, progress=False,
+                    log=messages.append)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert any("early stop at step 6" in m for m in messages)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000006.pt"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"loss", "kd", "lr", "eval_kl_to_teacher"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    assert events.Scalars("loss")[0].value == pytest.approx(records[0]["loss"], rel=1e-6)

@@ -137,6 +137,7 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
     if rank == 0:  # the log holds exactly the steps the model has seen: drop lines past the checkpoint
         atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
 
+    board = _tensorboard(out_dir) if cfg.tensorboard and rank == 0 else None
     student.train()
     per_rank = cfg.batch_size * cfg.grad_accum
     best, stale = min((r["eval_kl_to_teacher"] for r in records if "eval_kl_to_teacher" in r), default=math.inf), 0
@@ -203,6 +204,10 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if board is not None:
+                for key, value in rec.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        board.add_scalar(key, value, rec["step"])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
             model_state, opt_state = full_state_dict(student, opt)
             if rank == 0:
@@ -213,7 +218,17 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
             log(f"distill: early stop at step {step + 1} (no better held-out KL in "
                 f"{cfg.early_stopping_patience} evals)")
             break
+    if board is not None:
+        board.close()
     return records
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError("distill.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
