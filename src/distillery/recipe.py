@@ -290,6 +290,8 @@ class DistillConfig(Strict):
     tensorboard: bool = Field(False, description="also log every record to <run>/tensorboard (needs tensorboard)")
     fsdp: bool = Field(False, description="under torchrun: shard the student with FSDP2 (fully_shard per "
                        "decoder layer) instead of replicating it with DDP")
+    shard_teacher: bool = Field(True, description="with fsdp: shard a live teacher too, so neither model has to "
+                                "fit one device whole; false keeps a full teacher on every rank (no all-gathers)")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many evals without a lower held-out KL to the teacher")
     noise: NoiseConfig | None = None

@@ -35,29 +35,35 @@ WORKER = textwrap.dedent("""
     student = cut_layers(teacher, [0, 3])
     blocks = torch.load({blocks!r})
     cfg = DistillConfig(steps=5, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=1, checkpoint_every=100,
-                        fsdp={fsdp!r})
+                        fsdp={fsdp!r}, shard_teacher={shard_teacher!r})
+    total = sum(p.numel() for p in teacher.parameters())
     recs = train(student, OnlineTeacher(teacher, model_id="t", tokenizer_fingerprint="x"), blocks, cfg,
                  out_dir=__import__("pathlib").Path({out!r}), progress=False)
+    # What this rank holds of the teacher: a shard's local tensor, or the whole parameter.
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in teacher.parameters())
     from distillery.train.loop import full_state_dict
     state = full_state_dict(student)
     if rank == 0:
         torch.save(state, {out!r} + "/weights.pt")
         json.dump([r["loss"] for r in recs], open({out!r} + "/losses.json", "w"))
+        json.dump({{"total": total, "local": local}}, open({out!r} + "/teacher.json", "w"))
     dist.destroy_process_group()
 """)
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_torchrun_two_ranks_equals_one_process_with_double_accumulation(tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp,shard_teacher", [(False, False), (True, False), (True, True)],
+                         ids=["ddp", "fsdp2-student", "fsdp2-student-and-teacher"])
+def test_torchrun_two_ranks_equals_one_process_with_double_accumulation(tmp_path, fsdp, shard_teacher):
     torch.manual_seed(0)
     blocks = torch.randint(0, 512, (40, 32))
     torch.save(blocks, tmp_path / "blocks.pt")
     out = tmp_path / "ddp"
     out.mkdir()
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), blocks=str(tmp_path / "blocks.pt"), out=str(out), fsdp=fsdp))
+    script.write_text(WORKER.format(root=str(ROOT), blocks=str(tmp_path / "blocks.pt"), out=str(out), fsdp=fsdp,
+                                    shard_teacher=shard_teacher))
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -72,6 +78,11 @@ def test_torchrun_two_ranks_equals_one_process_with_double_accumulation(tmp_path
     assert len(ddp_losses) == 5
     for a, b in zip(ddp_losses, [r["loss"] for r in recs]):
         assert abs(a - b) < 1e-5
+    held = json.loads((out / "teacher.json").read_text())
+    if shard_teacher:  # each rank kept about half of the teacher (rows split over 2 ranks)
+        assert held["local"] <= 0.55 * held["total"], held
+    else:
+        assert held["local"] == held["total"]
     ddp_weights = torch.load(out / "weights.pt")
     for k, v in student.state_dict().items():
         torch.testing.assert_close(ddp_weights[k], v, atol=1e-5, rtol=0)
@@ -118,3 +129,11 @@ def test_torchrun_distill_stage_from_the_cli(tiny_teacher_dir, lee_file, tmp_pat
     for k, v in student.state_dict().items():
         torch.testing.assert_close(state["model"][k], v)  # the checkpoint holds the full, unsharded model
     assert any(not torch.equal(v, init.state_dict()[k]) for k, v in student.state_dict().items())
+
+
+def test_an_int8_teacher_cannot_be_sharded():
+    from distillery.train.loop import shard_live_teacher
+
+    teacher = OnlineTeacher(tiny_llama(layers=2), model_id="t", tokenizer_fingerprint="x", dtype="int8")
+    with pytest.raises(ValueError, match="distill.shard_teacher"):
+        shard_live_teacher(teacher)

@@ -102,14 +102,10 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
         prepare_qat(student, cfg.qat)
     model = student
     fsdp = world_size > 1 and cfg.fsdp
-    if fsdp:  # FSDP2: every decoder layer its own shard group, then the root (embeddings, head)
-        from torch.distributed.fsdp import fully_shard
-
-        from distillery.models.student import decoder_layers
-
-        for layer in decoder_layers(student):
-            fully_shard(layer)
-        fully_shard(student)
+    if fsdp:
+        shard(student)
+        if cfg.shard_teacher:
+            shard_live_teacher(teacher, log)
     elif world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     kd = distiller or Distiller(model, teacher, cfg.losses, noise=cfg.noise)
@@ -221,6 +217,38 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
     if board is not None:
         board.close()
     return records
+
+
+def shard(model: torch.nn.Module, *, forward_only: bool = False) -> None:
+    """FSDP2: every decoder layer its own shard group, then the root (embeddings, head). Each rank
+    keeps 1/world of the weights and gathers one layer at a time for its forward (and backward).
+    FSDP2 keeps the root gathered after forward, for the backward; a forward-only model (the
+    teacher) has no backward, so its root is resharded too."""
+    from torch.distributed.fsdp import fully_shard
+
+    from distillery.models.student import decoder_layers
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model, reshard_after_forward=True if forward_only else None)
+
+
+def shard_live_teacher(teacher: TeacherSignal, log=print) -> None:
+    """Shard a live teacher like the student, so neither has to fit one device whole. Its forward is
+    then a collective: every rank scores the same number of batches, which the loop guarantees."""
+    from distillery.signals.online import OnlineTeacher
+
+    if not isinstance(teacher, OnlineTeacher):
+        if hasattr(teacher, "teachers"):
+            log("distill: fsdp: ensemble members are not sharded (each routes its own examples)")
+        return  # a stored or served teacher holds no weights here
+    if is_sharded(teacher.model):
+        return
+    if not any(True for _ in teacher.model.parameters()) or any(
+            "quantized" in type(m).__module__ for m in teacher.model.modules()):
+        raise ValueError("distill.shard_teacher: an int8 (dynamically quantised) teacher cannot be sharded; "
+                         "set distill.shard_teacher: false or teacher.dtype to a float type")
+    shard(teacher.model, forward_only=True)
 
 
 def _tensorboard(out_dir: Path):
