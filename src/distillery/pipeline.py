@@ -243,8 +243,16 @@ def stage_distill(ctx: Context) -> list[str]:
             student = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32).to(device)
         transform = None
         if r.distill.on_policy is not None:
-            transform = OnPolicyBatches(student, r.distill.on_policy, seed=r.seed + g, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+            op = r.distill.on_policy
+            sampler = None
+            if op.generator == "server":
+                from distillery.train.onpolicy import ServerSampler
+
+                sampler = ServerSampler(student, op, eos_token_id=tok.eos_token_id, tokenizer=tok, rank=rank,
+                                        barrier=barrier)
+            transform = OnPolicyBatches(student, op, seed=r.seed + g, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+                                        sampler=sampler)
         if r.distill.generations > 1:
             ctx.log(f"distill: generation {g + 1} of {r.distill.generations}")
         records = train(student, signal, train_data, r.distill, out_dir=out_dir, seed=r.seed + g,

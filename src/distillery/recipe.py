@@ -230,6 +230,21 @@ class QATConfig(Strict):
     group_size: int = Field(32, ge=8)
 
 
+class SamplingServerConfig(Strict):
+    """An OpenAI-compatible server that serves the student (e.g. ``vllm serve``) and samples for it.
+    Before it samples, its copy is brought up to date: the student is written to ``sync_dir`` (the
+    folder the server was started from) and ``reload_body`` is POSTed to ``reload_path``."""
+
+    base_url: str = Field(..., description="e.g. http://127.0.0.1:8000")
+    model: str = Field(..., description="the served model name")
+    sync_dir: Path = Field(..., description="the folder the server serves the student from")
+    sync_every: int = Field(1, ge=1, description="re-sync once the server's copy is this many steps old")
+    reload_path: str = Field("/collective_rpc", description="vLLM's, with VLLM_SERVER_DEV_MODE=1")
+    reload_body: dict[str, Any] = Field({"method": "reload_weights"}, description="vLLM: reload from disk")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    timeout_s: float = Field(300.0, gt=0)
+
+
 class OnPolicyConfig(Strict):
     """GKD: with probability ``lam`` a batch is replaced by the student's own sampled completions of
     its prompts (the first ``prompt_tokens`` of each example), scored by the teacher."""
@@ -239,6 +254,16 @@ class OnPolicyConfig(Strict):
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    generator: Literal["transformers", "server"] = Field(
+        "transformers", description="transformers: the student's generate in this process; server: an "
+        "OpenAI-compatible server serving the student (vllm serve), synced before it samples")
+    server: SamplingServerConfig | None = None
+
+    @model_validator(mode="after")
+    def _server_named(self):
+        if self.generator == "server" and self.server is None:
+            raise ValueError("generator 'server' needs a server block (base_url, model, sync_dir)")
+        return self
 
 
 class CaptureConfig(Strict):

@@ -1,6 +1,7 @@
 """torchrun data parallel (gloo, CPU) gives the same losses and weights as one process with
 twice the gradient accumulation: the loss is normalised by the global token count."""
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -107,17 +108,33 @@ def _prepare_tiny(tmp_path, teacher_dir, text, **distill):
     return path
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_torchrun_distill_stage_from_the_cli(tiny_teacher_dir, lee_file, tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp,on_policy", [(False, None), (True, None), (True, "transformers"), (True, "server")],
+                         ids=["ddp", "fsdp2", "fsdp2-on-policy", "fsdp2-on-policy-server"])
+def test_torchrun_distill_stage_from_the_cli(tiny_teacher_dir, lee_file, tmp_path, fsdp, on_policy):
     """`torchrun -m distillery.cli distill`: the distill stage under DDP or FSDP2 sharding (gloo, CPU)
-    trains, checkpoints a full state, and saves a plain student; the manifest marks it complete."""
+    trains, checkpoints a full state, and saves a plain student; the manifest marks it complete. With
+    on-policy batches a sharded student samples in step on both ranks (synced_gpus), or is gathered
+    and synced to a sampling server by rank 0 while the other rank waits."""
     from transformers import AutoModelForCausalLM
 
-    recipe = _prepare_tiny(tmp_path, tiny_teacher_dir, lee_file, fsdp=fsdp)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "distillery.cli", "distill",
-                           str(recipe)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from tests.model_server import serve
+
+    extra = {}
+    if on_policy:
+        extra["on_policy"] = {"lam": 1.0, "prompt_tokens": 8, "max_new_tokens": 8, "generator": on_policy}
+    with contextlib.ExitStack() as stack:
+        if on_policy == "server":
+            sync = tmp_path / "policy"
+            shutil.copytree(tiny_teacher_dir, sync)  # any model of the student's vocabulary to start from
+            srv = stack.enter_context(serve(model_dir=sync))
+            extra["on_policy"]["server"] = {"base_url": srv.url, "model": "tiny", "sync_dir": str(sync)}
+        recipe = _prepare_tiny(tmp_path, tiny_teacher_dir, lee_file, fsdp=fsdp, **extra)
+        torchrun = Path(sys.executable).parent / "torchrun"
+        proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "distillery.cli",
+                               "distill", str(recipe)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if on_policy == "server":
+            assert srv.reloads == 6  # every step is on-policy and re-synced (sync_every 1)
     run = tmp_path / "runs" / "tr"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["distill"]["status"] == "complete"

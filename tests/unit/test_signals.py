@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 import torch
 import transformers
@@ -13,6 +9,7 @@ import transformers
 from distillery.signals.ensemble import EnsembleTeacher
 from distillery.signals.online import OnlineTeacher
 from distillery.signals.served import ServedTeacher, ServedTeacherError
+from tests.model_server import serve
 
 VOCAB = 200
 
@@ -125,54 +122,10 @@ def test_ensemble_refuses_teachers_with_different_tokenizers_or_kinds():
 # ---------------------------------------------------------------- served teacher over HTTP
 
 
-class _Server(BaseHTTPRequestHandler):
-    """A tiny vLLM-like /v1/completions that computes real log-probs from a tiny model."""
-
-    model: torch.nn.Module
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if body.get("model") != "tiny":
-            self.send_error(404, "model not found")
-            return
-        k = body["prompt_logprobs"]
-        choices = []
-        for n, prompt in enumerate(body["prompt"]):
-            with torch.no_grad():
-                logp = torch.log_softmax(self.model(input_ids=torch.tensor([prompt])).logits[0].float(), -1)
-            prompt_lp = [None]
-            for t in range(1, len(prompt)):
-                row = logp[t - 1]
-                vals, ids = row.topk(k)
-                entry = {str(int(i)): {"logprob": float(v), "rank": r + 1} for r, (v, i) in enumerate(zip(vals, ids))}
-                actual = prompt[t]  # servers add the prompt token itself, even outside the top-k
-                rank = int((row > row[actual]).sum()) + 1
-                entry[str(actual)] = {"logprob": float(row[actual]), "rank": rank}
-                prompt_lp.append(entry)
-            vals, ids = logp[-1].topk(k)
-            last = {f"token_id:{int(i)}": float(v) for v, i in zip(vals, ids)}
-            choices.append({"index": n, "text": "", "prompt_logprobs": prompt_lp,
-                            "logprobs": {"top_logprobs": [last], "tokens": [f"token_id:{int(ids[0])}"]}})
-        data = json.dumps({"object": "text_completion", "choices": choices[::-1]}).encode()  # any order
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
 @pytest.fixture
 def server():
-    handler = type("Handler", (_Server,), {"model": tiny_model(0)})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(tiny_model(0)) as state:
+        yield state.url
 
 
 def test_served_teacher_matches_the_online_teacher(server):

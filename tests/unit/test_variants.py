@@ -215,20 +215,10 @@ def test_schedules_and_magnitude_balancing_are_applied(trained_tiny_teacher):
 
 def test_token_kd_from_a_served_teacher(tiny_teacher_dir, trained_tiny_teacher, lee_file, tmp_path):
     """The teacher behind an OpenAI-compatible server with prompt logprobs (vLLM-style), on loopback."""
-    import threading
-    from http.server import ThreadingHTTPServer
+    from tests.model_server import serve
 
-    from tests.unit.test_signals import _Server
-
-    handler = type("Handler", (_Server,), {"model": trained_tiny_teacher})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with serve(trained_tiny_teacher) as srv:
         summary = run(tiny_recipe(tmp_path, tiny_teacher_dir, lee_file, student={"config": {"num_hidden_layers": 2}},
                                   distill={"steps": 20, "teacher_source": "served",
-                                           "served": {"base_url": url, "model": "tiny", "top_k": 32}}))
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+                                           "served": {"base_url": srv.url, "model": "tiny", "top_k": 32}}))
     assert_kl_lowered(summary, 0.7)

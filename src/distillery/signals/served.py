@@ -11,17 +11,15 @@ Log-probs come from the server's raw logits, so a served teacher is sparse at te
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.error
-import urllib.request
 
 import torch
 
+from distillery.io import ServerError, post_json
 from distillery.signals.base import Signal, TeacherIdentity
 
 
-class ServedTeacherError(RuntimeError):
+class ServedTeacherError(ServerError):
     """The server could not be reached or answered something unusable; the message names the URL."""
 
 
@@ -53,20 +51,7 @@ class ServedTeacher:
         self.identity = TeacherIdentity(model_id or f"served:{model}", tokenizer_fingerprint, 1.0, top_k)
 
     def _post(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode("utf-8", "replace")
-            raise ServedTeacherError(f"{self.url}: HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            raise ServedTeacherError(f"{self.url}: cannot reach the teacher server ({getattr(e, 'reason', e)})") from None
-        except json.JSONDecodeError as e:
-            raise ServedTeacherError(f"{self.url}: the answer is not JSON ({e})") from None
+        return post_json(self.url, body, api_key=self.api_key, timeout=self.timeout, error=ServedTeacherError)
 
     def _row_positions(self, choice: dict, length: int) -> list[list[tuple[int, float]]]:
         prompt_lp = choice.get("prompt_logprobs")

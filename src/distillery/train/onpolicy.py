@@ -4,23 +4,152 @@ With probability ``lam`` a batch is replaced by the student's sampled completion
 the teacher then scores those very tokens and the divergence (usually the generalized JSD) is taken
 on the generated positions only. Sampling is seeded by (seed, step), so a resumed run draws the same
 completions as an uninterrupted one.
+
+The samples come from the student in this process (transformers ``generate``), or from an
+OpenAI-compatible server that serves the student (``vllm serve``): before it samples, the server's
+copy is brought up to date by writing the student to the folder it serves and asking it to reload.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
+
+from distillery.io import ServerError, post_json
+from distillery.train.loop import full_state_dict, is_sharded
+
+
+class TransformersSampler:
+    """The student's own ``generate``, batched, in this process: always in step, nothing to sync."""
+
+    def __init__(self, student: torch.nn.Module, cfg, *, pad_token_id: int = 0, eos_token_id: int | None = None):
+        self.student, self.cfg, self.pad, self.eos = student, cfg, pad_token_id, eos_token_id
+
+    def sync(self, step: int) -> None:
+        pass
+
+    @torch.no_grad()
+    def __call__(self, prompts: torch.Tensor, seed: int) -> list[list[int]]:
+        was_training = self.student.training
+        self.student.eval()
+        with torch.random.fork_rng(devices=[prompts.device] if prompts.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            # A sharded (FSDP2) student's forward is a collective: synced_gpus keeps every rank stepping
+            # until all ranks' sequences are done, so none waits on a rank that stopped early.
+            out = self.student.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                        temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                        max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad,
+                                        eos_token_id=self.eos, synced_gpus=is_sharded(self.student))
+        self.student.train(was_training)
+        return [until_eos(row, self.eos) for row in out[:, prompts.shape[1]:].tolist()]
+
+
+def until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    """A completion up to and including its first EOS (what follows is padding)."""
+    if eos is not None and eos in tokens:
+        return tokens[: tokens.index(eos) + 1]
+    return tokens
+
+
+class ServerSampler:
+    """The student's samples from an OpenAI-compatible ``/v1/completions`` (prompts sent as token ids).
+
+    Sync: the (unwrapped) student is written to ``server.sync_dir``, the folder the server was started
+    from, one file at a time with atomic renames, then ``POST {base_url}{reload_path}`` with
+    ``reload_body``; the default is vLLM's ``/collective_rpc`` ``{"method": "reload_weights"}``, which
+    ``vllm serve`` offers under ``VLLM_SERVER_DEV_MODE=1``. Under torchrun rank 0 writes and reloads
+    and the other ranks wait for it.
+    """
+
+    def __init__(self, student: torch.nn.Module, cfg, *, eos_token_id: int | None = None, tokenizer=None,
+                 rank: int = 0, barrier=None):
+        self.student, self.cfg, self.sv = student, cfg, cfg.server
+        self.eos, self.tokenizer, self.rank, self.barrier = eos_token_id, tokenizer, rank, barrier
+        self.url = self.sv.base_url.rstrip("/")
+        self.api_key = os.environ.get(self.sv.api_key_env) if self.sv.api_key_env else None
+        self.synced_at: int | None = None
+        self.syncs = 0
+
+    def sync(self, step: int) -> None:
+        """Bring the server's copy up to date when it is ``sync_every`` or more steps old."""
+        if self.synced_at is not None and step - self.synced_at < self.sv.sync_every:
+            return
+        # A sharded student is gathered first: a collective every rank joins, rank 0 gets the tensors.
+        state = full_state_dict(self.student) if is_sharded(self.student) else None
+        if self.rank == 0:
+            write_model_files(self.student, Path(self.sv.sync_dir), self.tokenizer if self.syncs == 0 else None,
+                              state_dict=state)
+            post_json(self.url + self.sv.reload_path, self.sv.reload_body, api_key=self.api_key,
+                      timeout=self.sv.timeout_s, hint=" (a vLLM server offers /collective_rpc only when started "
+                      "with VLLM_SERVER_DEV_MODE=1)")
+        if self.barrier is not None:
+            self.barrier()
+        self.synced_at, self.syncs = step, self.syncs + 1
+
+    def __call__(self, prompts: torch.Tensor, seed: int) -> list[list[int]]:
+        body = {"model": self.sv.model, "prompt": prompts.tolist(), "max_tokens": self.cfg.max_new_tokens,
+                "temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "seed": seed, "n": 1,
+                "logprobs": 0, "return_tokens_as_token_ids": True, "return_token_ids": True,
+                "skip_special_tokens": False}
+        url = self.url + "/v1/completions"
+        answer = post_json(url, body, api_key=self.api_key, timeout=self.sv.timeout_s)
+        choices = sorted((answer or {}).get("choices", []), key=lambda c: c.get("index", 0))
+        if len(choices) != len(prompts):
+            raise ServerError(f"{url}: {len(choices)} choices for {len(prompts)} prompts")
+        return [self._tokens(c, url) for c in choices]
+
+    def _tokens(self, choice: dict, url: str) -> list[int]:
+        ids = choice.get("token_ids")  # vLLM's return_token_ids
+        if ids is None:  # else the sampled tokens of logprobs, keyed "token_id:123"
+            tokens = (choice.get("logprobs") or {}).get("tokens")
+            if tokens is None:
+                raise ServerError(f"{url}: choice {choice.get('index')}: no token ids (needs vLLM's return_token_ids "
+                                  "or return_tokens_as_token_ids with logprobs)")
+            ids = [int(str(t).removeprefix("token_id:")) for t in tokens]
+        ids = [int(t) for t in ids][: self.cfg.max_new_tokens]
+        # A completion that stopped on EOS ends with it, so the student learns to stop there too.
+        if choice.get("finish_reason") == "stop" and self.eos is not None and (not ids or ids[-1] != self.eos) \
+                and len(ids) < self.cfg.max_new_tokens:
+            ids.append(self.eos)
+        return until_eos(ids, self.eos)
+
+
+def write_model_files(model: torch.nn.Module, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` into ``folder`` file by file with atomic renames: the folder (which a
+    server may be serving) never goes missing and never holds half a file."""
+    from transformers.utils import logging as hf_logging
+
+    model = getattr(model, "module", model)  # DDP
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar per sync would bury the training bar
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, folder / f.name)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class OnPolicyBatches:
     def __init__(self, student: torch.nn.Module, cfg, *, seed: int = 0, pad_token_id: int = 0,
-                 eos_token_id: int | None = None):
-        self.student = student
+                 eos_token_id: int | None = None, sampler=None):
         self.cfg = cfg
         self.seed = seed
         self.pad = pad_token_id
         self.eos = eos_token_id
+        self.sampler = sampler or TransformersSampler(student, cfg, pad_token_id=pad_token_id,
+                                                      eos_token_id=eos_token_id)
 
     def use_student_samples(self, step: int) -> bool:
         return random.Random(self.seed * 7_919 + step).random() < self.cfg.lam
@@ -34,24 +163,19 @@ class OnPolicyBatches:
         if "attention_mask" in batch and not bool(batch["attention_mask"][:, : self.cfg.prompt_tokens].all()):
             raise ValueError("on_policy: prompts (the first prompt_tokens of each example) must not contain padding")
         prompts = ids[:, : self.cfg.prompt_tokens]
-        was_training = self.student.training
-        self.student.eval()
-        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
-            torch.manual_seed(self.seed * 1_000_003 + step)
-            out = self.student.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                                        temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                        max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad,
-                                        eos_token_id=self.eos)
-        self.student.train(was_training)
-        generated = out[:, prompts.shape[1]:]
-        # Positions after a sequence's first EOS are padding: neither attended to nor scored.
-        alive = torch.ones_like(generated, dtype=torch.bool)
-        if self.eos is not None:
-            ended = (generated == self.eos).int().cumsum(-1)
-            alive = (ended == 0) | ((ended == 1) & (generated == self.eos))
+        self.sampler.sync(step)
+        completions = self.sampler(prompts, self.seed * 1_000_003 + step)
+        width = max(1, max(len(c) for c in completions))
+        generated = torch.full((len(prompts), width), self.pad, dtype=ids.dtype)
+        alive = torch.zeros_like(generated, dtype=torch.bool)
+        for b, c in enumerate(completions):
+            generated[b, : len(c)] = torch.tensor(c, dtype=ids.dtype)
+            alive[b, : len(c)] = True
+        generated, alive = generated.to(ids.device), alive.to(ids.device)
+        # Positions after a completion's end are padding: neither attended to nor scored.
         attn = torch.cat([torch.ones_like(prompts), alive.long()], dim=1)
         labels = torch.cat([torch.full_like(prompts, -100), generated.masked_fill(~alive, -100)], dim=1)
         new = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "loss_mask")}
-        new.update(input_ids=out, attention_mask=attn, labels=labels)
+        new.update(input_ids=torch.cat([prompts, generated], dim=1), attention_mask=attn, labels=labels)
         new.pop("example_ids", None)  # a stored teacher cannot score new tokens: on-policy needs a live one
         return new
