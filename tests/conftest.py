@@ -3,6 +3,7 @@ Llama models built in code and saved as ordinary Hugging Face folders."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -86,3 +87,41 @@ def lee_file(lee_text, tmp_path) -> Path:
     path = tmp_path / "lee.txt"
     path.write_text(lee_text[:60_000])
     return path
+
+
+# ---------------------------------------------------------------- tiny recipes through the pipeline
+
+
+def tiny_recipe(tmp_path: Path, teacher_dir: Path, text: Path, *, name: str = "v", seed: int = 0,
+                **sections) -> dict:
+    """A recipe for a tiny teacher on local text; ``sections`` replace the defaults (``distill`` is merged)."""
+    recipe = {
+        "name": name, "seed": seed, "run_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+        "teacher": {"model": str(teacher_dir)},
+        "student": {"from_teacher": {"keep_layers": [0, 3]}},
+        "data": {"source": {"kind": "text", "path": str(text)}, "block_size": 32, "heldout_fraction": 0.1},
+        "distill": {"steps": 25, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 25,
+                    "eval_blocks": 4, "checkpoint_every": 25},
+        "evaluate": {"eval_blocks": 8},
+        "report": {"enabled": False},
+    }
+    for key, value in sections.items():
+        if key == "distill":  # merged, so a test names only what it changes
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def run(recipe: dict) -> dict:
+    """Every stage of ``recipe``, quietly; returns eval/summary.json."""
+    from distillery.pipeline import run_stages
+    from distillery.recipe import parse_recipe
+
+    r = parse_recipe(recipe)
+    run_stages(r, progress=False, log=lambda m: None)
+    return json.loads((r.run_path / "eval" / "summary.json").read_text())
+
+
+def assert_kl_lowered(summary: dict, factor: float = 0.9):
+    assert summary["student"]["kl_to_teacher"] < factor * summary["student_init"]["kl_to_teacher"], summary

@@ -87,7 +87,9 @@ def stage_data(ctx: Context) -> list[str]:
         train, held = {"input_ids": train}, {"input_ids": held}
         what = f"{len(docs)} documents"
     if r.data.max_train_blocks:
-        train = {k: v[: r.data.max_train_blocks] for k, v in train.items()}
+        from distillery.evaluate.quality import head
+
+        train = head(train, r.data.max_train_blocks)
     out = ctx.run / "data" / "blocks.safetensors"
     tmp = out.with_name(".blocks.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +209,7 @@ def stage_distill(ctx: Context) -> list[str]:
 
     from transformers import AutoModelForCausalLM
 
-    from distillery.evaluate.quality import evaluate_models
+    from distillery.evaluate.quality import evaluate_models, head
     from distillery.signals.online import OnlineTeacher
     from distillery.train.loop import train
     from distillery.train.onpolicy import OnPolicyBatches
@@ -261,7 +263,7 @@ def stage_distill(ctx: Context) -> list[str]:
         if has_qat(student):
             strip_qat(student)  # export as a plain float model
         if r.distill.generations > 1:
-            m = evaluate_models({"s": student}, _head(held, r.evaluate.eval_blocks), teacher=teacher.model)["s"]
+            m = evaluate_models({"s": student}, head(held, r.evaluate.eval_blocks), teacher=teacher.model)["s"]
             per_generation.append({"generation": g + 1, **m})
             _save_hf(student, tok, out_dir / "student")
             student = copy.deepcopy(student)
@@ -290,11 +292,11 @@ def stage_distill(ctx: Context) -> list[str]:
 def stage_evaluate(ctx: Context) -> list[str]:
     from transformers import AutoModelForCausalLM
 
-    from distillery.evaluate.quality import evaluate_models
+    from distillery.evaluate.quality import evaluate_models, head
 
     r, teacher = ctx.recipe, ctx.teacher()
     device = next(teacher.model.parameters()).device
-    held = _head(ctx.blocks()[1], r.evaluate.eval_blocks)
+    held = head(ctx.blocks()[1], r.evaluate.eval_blocks)
     folders = {"student_init": "student_init", "student": "student"}
     models = {name: AutoModelForCausalLM.from_pretrained(ctx.run / folders[name], dtype=torch.float32).to(device)
               for name in r.evaluate.variants if name != "teacher"}
@@ -329,10 +331,6 @@ def stage_report(ctx: Context) -> list[str]:
     path = write_report(ctx.run, title=ctx.recipe.report.title or f"Distillery run: {ctx.recipe.name}")
     ctx.log(f"report: {path}")
     return ["report.html"]
-
-
-def _head(data, n: int):
-    return {k: v[:n] for k, v in data.items()} if isinstance(data, dict) else data[:n]
 
 
 def _save_hf(model, tokenizer, folder: Path) -> None:

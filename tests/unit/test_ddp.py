@@ -16,7 +16,7 @@ from distillery.models.student import cut_layers
 from distillery.recipe import DistillConfig
 from distillery.signals.online import OnlineTeacher
 from distillery.train.loop import train
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ WORKER = textwrap.dedent("""
     from distillery.recipe import DistillConfig
     from distillery.signals.online import OnlineTeacher
     from distillery.train.loop import init_distributed, train, world
-    from tests.conftest import tiny_llama
+    from tests.conftest import tiny_llama, tiny_recipe
     import torch.distributed as dist
 
     init_distributed()
@@ -92,14 +92,9 @@ def test_torchrun_two_ranks_equals_one_process_with_double_accumulation(tmp_path
 def _prepare_tiny(tmp_path, teacher_dir, text, **distill):
     import yaml
 
-    recipe = {
-        "name": "tr", "seed": 0, "run_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-        "teacher": {"model": str(teacher_dir)}, "student": {"from_teacher": {"keep_layers": [0, 3]}},
-        "data": {"source": {"kind": "text", "path": str(text)}, "block_size": 32, "heldout_fraction": 0.1},
-        "distill": {"steps": 6, "batch_size": 2, "lr": 2e-3, "warmup_steps": 1, "eval_every": 3, "eval_blocks": 4,
-                    "checkpoint_every": 3, **distill},
-        "evaluate": {"eval_blocks": 4}, "report": {"enabled": False},
-    }
+    recipe = tiny_recipe(tmp_path, teacher_dir, text, name="tr", evaluate={"eval_blocks": 4},
+                         distill={"steps": 6, "batch_size": 2, "lr": 2e-3, "warmup_steps": 1, "eval_every": 3,
+                                  "checkpoint_every": 3, **distill})
     path = tmp_path / "tr.yaml"
     path.write_text(yaml.safe_dump(recipe))
     proc = subprocess.run([sys.executable, "-m", "distillery.cli", "prepare", str(path)], capture_output=True,

@@ -15,7 +15,7 @@ from distillery.models.student import cut_layers
 from distillery.recipe import DistillConfig
 from distillery.signals.online import OnlineTeacher
 from distillery.train.loop import lr_lambda, step_indices, train
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,15 +74,8 @@ def test_grad_accumulation_gives_the_same_update(blocks, tmp_path):
 
 
 def _tiny_recipe(tmp_path: Path, teacher_dir: Path, text: Path, **distill) -> Path:
-    recipe = {
-        "name": "tiny", "seed": 1, "run_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-        "teacher": {"model": str(teacher_dir)},
-        "student": {"from_teacher": {"keep_layers": [0, 3]}},
-        "data": {"source": {"kind": "text", "path": str(text)}, "block_size": 32, "heldout_fraction": 0.1},
-        "distill": {"steps": 40, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2, "eval_every": 20, "eval_blocks": 4,
-                    "checkpoint_every": 10, **distill},
-        "evaluate": {"eval_blocks": 8},
-    }
+    recipe = tiny_recipe(tmp_path, teacher_dir, text, name="tiny", seed=1, report={"enabled": True},
+                         distill={"steps": 40, "lr": 2e-3, "eval_every": 20, "checkpoint_every": 10, **distill})
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

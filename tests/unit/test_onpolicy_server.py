@@ -9,9 +9,8 @@ import torch
 from distillery.io import ServerError
 from distillery.recipe import OnPolicyConfig
 from distillery.train.onpolicy import OnPolicyBatches, ServerSampler, TransformersSampler, write_model_files
-from tests.conftest import tiny_llama
+from tests.conftest import assert_kl_lowered, run, tiny_llama, tiny_recipe
 from tests.model_server import serve
-from tests.unit.test_variants import assert_kl_lowered, run, tiny_recipe
 
 
 def server_cfg(url: str, sync_dir, **kw) -> OnPolicyConfig:

@@ -7,38 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillery.pipeline import run_stages
 from distillery.recipe import parse_recipe
-from tests.conftest import tiny_llama
-
-
-def tiny_recipe(tmp_path: Path, teacher_dir: Path, text: Path, **sections) -> dict:
-    recipe = {
-        "name": "v", "seed": 0, "run_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-        "teacher": {"model": str(teacher_dir)},
-        "student": {"from_teacher": {"keep_layers": [0, 3]}},
-        "data": {"source": {"kind": "text", "path": str(text)}, "block_size": 32, "heldout_fraction": 0.1},
-        "distill": {"steps": 25, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 25,
-                    "eval_blocks": 4, "checkpoint_every": 25},
-        "evaluate": {"eval_blocks": 8},
-        "report": {"enabled": False},
-    }
-    for key, value in sections.items():
-        if key == "distill":  # merged, so a test names only what it changes
-            recipe[key] = {**recipe[key], **value}
-        else:
-            recipe[key] = value
-    return recipe
-
-
-def run(recipe: dict) -> dict:
-    r = parse_recipe(recipe)
-    run_stages(r, progress=False, log=lambda m: None)
-    return json.loads((r.run_path / "eval" / "summary.json").read_text())
-
-
-def assert_kl_lowered(summary: dict, factor: float = 0.9):
-    assert summary["student"]["kl_to_teacher"] < factor * summary["student_init"]["kl_to_teacher"], summary
+from tests.conftest import assert_kl_lowered, run, tiny_llama, tiny_recipe
 
 
 def test_token_kd_from_the_logit_store(tiny_teacher_dir, lee_file, tmp_path):

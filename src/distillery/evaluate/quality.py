@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+def head(data: torch.Tensor | dict, n: int) -> torch.Tensor | dict:
+    """The first ``n`` examples of ``[N, T]`` blocks, or of each tensor in a dict of them."""
+    return {k: v[:n] for k, v in data.items()} if isinstance(data, dict) else data[:n]
+
+
 @torch.no_grad()
 def evaluate_models(models: dict[str, torch.nn.Module], blocks: torch.Tensor | dict, teacher: torch.nn.Module | None = None,
                     batch_size: int = 8, progress: bool = False) -> dict[str, dict[str, float]]:

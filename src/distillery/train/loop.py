@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from distillery.evaluate.quality import evaluate_models
+from distillery.evaluate.quality import evaluate_models, head
 from distillery.io import atomic_write_text
 from distillery.recipe import DistillConfig
 from distillery.signals.base import TeacherSignal
@@ -183,8 +183,7 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
         # A sharded student's forward is a collective: under FSDP every rank evaluates (rank 0 records).
         if eval_blocks is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) \
                 and (rank == 0 or fsdp):
-            held = ({k: v[: cfg.eval_blocks] for k, v in eval_blocks.items()} if isinstance(eval_blocks, dict)
-                    else eval_blocks[: cfg.eval_blocks])
+            held = head(eval_blocks, cfg.eval_blocks)
             m = evaluate_models({"student": student}, held, teacher=eval_teacher)["student"]
             rec.update({f"eval_{k}": v for k, v in m.items() if k != "tokens"})
             if "kl_to_teacher" in m:
