@@ -258,6 +258,9 @@ class OnPolicyConfig(Strict):
         "transformers", description="transformers: the student's generate in this process; server: an "
         "OpenAI-compatible server serving the student (vllm serve), synced before it samples")
     server: SamplingServerConfig | None = None
+    kv_cache: Literal["auto", "dynamic", "static"] = Field(
+        "auto", description="transformers generator: a static KV cache is compiled by transformers on a GPU, "
+        "0.38x the step time of a dynamic one on an H200 (benchmarks/cuda_paths.py); auto = static on CUDA")
 
     @model_validator(mode="after")
     def _server_named(self):
