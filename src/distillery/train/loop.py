@@ -1,9 +1,11 @@
-"""The distillation loop: one screen, nanoGPT-style.
+"""The distillation loop: ``train`` is the whole step on one screen, nanoGPT-style; set-up, resume,
+evaluation, logging and checkpoints are the small functions below it.
 
 Every optimiser step draws ``batch_size * grad_accum * world_size`` examples at a position that is
 a pure function of the step and the seed, so a resumed run reads exactly the data the uninterrupted
 one would have. Under ``torchrun`` each rank takes its share of every step's examples, the student
-is wrapped in DDP, and the loss is normalised by the global token count.
+is replicated with DDP or sharded with FSDP2 (a live teacher too), and the loss is normalised by
+the global token count.
 """
 
 from __future__ import annotations
@@ -93,64 +95,23 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
     Returns the log records (a resumed run's include the earlier ones)."""
     rank, world_size = world()
     data = train_data if isinstance(train_data, dict) else {"input_ids": train_data}
-    n_examples = len(data["input_ids"])
     device = next(student.parameters()).device
     torch.manual_seed(seed)
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    if cfg.qat is not None:
-        prepare_qat(student, cfg.qat)
-    model = student
-    fsdp = world_size > 1 and cfg.fsdp
-    if fsdp:
-        shard(student)
-        if cfg.shard_teacher:
-            shard_live_teacher(teacher, log)
-    elif world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-    kd = distiller or Distiller(model, teacher, cfg.losses, noise=cfg.noise)
-    kd.student = model
-    params = [p for p in student.parameters()] + [p for p in kd.extra_parameters()]
+    kd, params = _prepare(student, teacher, cfg, distiller, log)
     opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "train.jsonl"
-    start, records = 0, []
-    state = load_latest(ckpt_dir)
-    if state is not None:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(student, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            student.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        kd.load_state_dict(state.get("distiller", {}))
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start, records = state["step"], state["records"]
-        log(f"distill: resuming from step {start} ({ckpt_dir})")
-    if rank == 0:  # the log holds exactly the steps the model has seen: drop lines past the checkpoint
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
-
-    board = _tensorboard(out_dir) if cfg.tensorboard and rank == 0 else None
-    student.train()
+    start, records = _resume(student, opt, sched, kd, out_dir, log)
+    logger, stopper = _Logger(out_dir, records, cfg.tensorboard and rank == 0), _EarlyStop(cfg, records)
     per_rank = cfg.batch_size * cfg.grad_accum
-    best, stale = min((r["eval_kl_to_teacher"] for r in records if "eval_kl_to_teacher" in r), default=math.inf), 0
+    student.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", disable=not progress or rank)
     for step in bar:
         t0 = time.perf_counter()
-        idx = step_indices(step, per_rank * world_size, n_examples, seed)
-        mine = idx[rank * per_rank:(rank + 1) * per_rank]
+        mine = step_indices(step, per_rank * world_size, len(data["input_ids"]), seed)[rank * per_rank:][:per_rank]
         batch = {**{k: v[mine].to(device) for k, v in data.items()}, "example_ids": mine.to(device)}
         if batch_transform is not None:  # e.g. on-policy: the student's own completions replace the batch
             batch = batch_transform(batch, step)
-        # Normalise by the global count of predicted tokens (all micro-batches and ranks).
-        n_tokens = predicted_tokens(batch)
-        if world_size > 1:
-            count = torch.tensor([n_tokens], dtype=torch.float64)
-            dist.all_reduce(count)
-            n_tokens = int(count.item())
+        n_tokens = int(all_ranks_sum([predicted_tokens(batch)])[0])  # the global count of predicted tokens
         terms: dict[str, float] = {}
         with hidden_noise(student, cfg.noise):
             for i in range(0, len(batch["input_ids"]), cfg.batch_size):
@@ -159,63 +120,163 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
                     # DDP averages gradients over ranks: scale each rank's loss so the average is the global mean.
                     loss = kd.loss(micro, num_tokens=n_tokens / world_size, step=step)
                 loss.backward()
-                for k, v in kd.last_terms.items():
-                    terms[k] = terms.get(k, 0.0) + v
-        if world_size > 1:
-            packed = torch.tensor(list(terms.values()), dtype=torch.float64)
-            dist.all_reduce(packed)
-            terms = dict(zip(terms, (packed / world_size).tolist()))
-        if world_size > 1:  # projection heads live outside DDP/FSDP: average their gradients by hand
-            for p in kd.extra_parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world_size
+                terms = {k: terms.get(k, 0.0) + v for k, v in kd.last_terms.items()}
+        terms = dict(zip(terms, (v / world_size for v in all_ranks_sum(list(terms.values())))))
+        _average_extra_grads(kd, world_size)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        rec = {"step": step + 1, **terms, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-               "tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0)}
-        if device.type == "cuda":
-            rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        stop = False
-        # A sharded student's forward is a collective: under FSDP every rank evaluates (rank 0 records).
-        if eval_blocks is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) \
-                and (rank == 0 or fsdp):
-            held = head(eval_blocks, cfg.eval_blocks)
-            m = evaluate_models({"student": student}, held, teacher=eval_teacher)["student"]
-            rec.update({f"eval_{k}": v for k, v in m.items() if k != "tokens"})
-            if "kl_to_teacher" in m:
-                best, stale = (m["kl_to_teacher"], 0) if m["kl_to_teacher"] < best else (best, stale + 1)
-                stop = cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience
-        if world_size > 1:  # rank 0 decides early stopping for everyone
-            flag = torch.tensor([int(stop)])
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
+        rec = {"step": step + 1, **terms, "lr": sched.get_last_lr()[0], "grad_norm": _item(gnorm),
+               "tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0), **_memory(device)}
+        if eval_blocks is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            rec.update(_evaluate(student, eval_blocks, eval_teacher, cfg))
+        stop = stopper.update(rec)
         records.append(rec)
-        bar.set_postfix(loss=f"{terms['loss']:.4f}", **({"eval_kl": f"{rec['eval_kl_to_teacher']:.3f}"}
-                                                       if "eval_kl_to_teacher" in rec else {}))
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if board is not None:
-                for key, value in rec.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        board.add_scalar(key, value, rec["step"])
+        logger.write(rec, bar)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
-            model_state, opt_state = full_state_dict(student, opt)
-            if rank == 0:
-                save_checkpoint(ckpt_dir, step + 1, {"model": model_state, "optimizer": opt_state,
-                                                     "scheduler": sched.state_dict(), "records": records,
-                                                     "distiller": kd.state_dict()}, cfg.keep_checkpoints)
+            _checkpoint(out_dir, step + 1, student, opt, sched, kd, records, cfg.keep_checkpoints)
         if stop:
             log(f"distill: early stop at step {step + 1} (no better held-out KL in "
                 f"{cfg.early_stopping_patience} evals)")
             break
-    if board is not None:
-        board.close()
+    logger.close()
     return records
+
+
+def _prepare(student: torch.nn.Module, teacher: TeacherSignal, cfg: DistillConfig, distiller: Distiller | None,
+             log) -> tuple[Distiller, list[torch.nn.Parameter]]:
+    """Checkpointing and fake quantisation on the student, then DDP or FSDP2 under torchrun; returns
+    the distiller bound to the (wrapped) student and every parameter the optimiser updates."""
+    _, world_size = world()
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    if cfg.qat is not None:
+        prepare_qat(student, cfg.qat)
+    model = student
+    if world_size > 1 and cfg.fsdp:
+        shard(student)
+        if cfg.shard_teacher:
+            shard_live_teacher(teacher, log)
+    elif world_size > 1:
+        dev = next(student.parameters()).device
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if dev.type == "cuda" else None)
+    kd = distiller or Distiller(model, teacher, cfg.losses, noise=cfg.noise)
+    kd.student = model
+    return kd, [*student.parameters(), *kd.extra_parameters()]
+
+
+def _resume(student, opt, sched, kd: Distiller, out_dir: Path, log) -> tuple[int, list[dict]]:
+    """Load the newest checkpoint under ``out_dir`` (model, optimiser, scheduler, distiller, RNG);
+    returns the step to start from and the records so far."""
+    ckpt_dir = out_dir / "checkpoints"
+    state = load_latest(ckpt_dir)
+    if state is None:
+        return 0, []
+    if is_sharded(student):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(student, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    kd.load_state_dict(state.get("distiller", {}))
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    log(f"distill: resuming from step {state['step']} ({ckpt_dir})")
+    return state["step"], state["records"]
+
+
+def _checkpoint(out_dir: Path, step: int, student, opt, sched, kd: Distiller, records: list[dict], keep: int) -> None:
+    model_state, opt_state = full_state_dict(student, opt)  # a collective under FSDP: every rank calls it
+    if world()[0] == 0:
+        save_checkpoint(out_dir / "checkpoints", step, {"model": model_state, "optimizer": opt_state,
+                                                        "scheduler": sched.state_dict(), "records": records,
+                                                        "distiller": kd.state_dict()}, keep)
+
+
+def _evaluate(student, eval_blocks, eval_teacher, cfg: DistillConfig) -> dict:
+    """Held-out metrics as ``eval_*``. A sharded student's forward is a collective, so under FSDP
+    every rank evaluates; otherwise rank 0 alone does."""
+    if world()[0] != 0 and not is_sharded(student):
+        return {}
+    m = evaluate_models({"student": student}, head(eval_blocks, cfg.eval_blocks), teacher=eval_teacher)["student"]
+    return {f"eval_{k}": v for k, v in m.items() if k != "tokens"}
+
+
+class _EarlyStop:
+    """Stop after ``early_stopping_patience`` evals without a lower held-out KL; rank 0 decides for all."""
+
+    def __init__(self, cfg: DistillConfig, records: list[dict]):
+        self.patience = cfg.early_stopping_patience
+        self.best = min((r["eval_kl_to_teacher"] for r in records if "eval_kl_to_teacher" in r), default=math.inf)
+        self.stale = 0
+
+    def update(self, rec: dict) -> bool:
+        stop = False
+        if "eval_kl_to_teacher" in rec:
+            kl = rec["eval_kl_to_teacher"]
+            self.best, self.stale = (kl, 0) if kl < self.best else (self.best, self.stale + 1)
+            stop = self.patience is not None and self.stale >= self.patience
+        if world()[1] > 1:
+            flag = torch.tensor([int(stop)])
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
+
+
+class _Logger:
+    """``train.jsonl`` (one record per step, rank 0), optional TensorBoard, and the progress bar."""
+
+    def __init__(self, out_dir: Path, records: list[dict], tensorboard: bool):
+        self.rank = world()[0]
+        self.path = out_dir / "train.jsonl"
+        if self.rank == 0:  # the log holds exactly the steps the model has seen: drop lines past the checkpoint
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+        self.board = _tensorboard(out_dir) if tensorboard else None
+
+    def write(self, rec: dict, bar) -> None:
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", **({"eval_kl": f"{rec['eval_kl_to_teacher']:.3f}"}
+                                                     if "eval_kl_to_teacher" in rec else {}))
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for key, value in rec.items():
+            if self.board is not None and key != "step" and isinstance(value, (int, float)):
+                self.board.add_scalar(key, value, rec["step"])
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def all_ranks_sum(values: list[float]) -> list[float]:
+    """Elementwise sum over every rank (float64); the values themselves in one process."""
+    if world()[1] == 1:
+        return [float(v) for v in values]
+    packed = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(packed)
+    return packed.tolist()
+
+
+def _average_extra_grads(kd: Distiller, world_size: int) -> None:
+    """Projection heads live outside DDP/FSDP: average their gradients by hand."""
+    if world_size == 1:
+        return
+    for p in kd.extra_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+
+
+def _item(x: torch.Tensor) -> float:
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
+def _memory(device: torch.device) -> dict:
+    return {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
 
 
 def shard(model: torch.nn.Module, *, forward_only: bool = False) -> None:
