@@ -40,8 +40,16 @@ class Context:
 
             t = self.recipe.teacher
             self._teacher = load_model(t.model, device=t.device, dtype=t.dtype, cache=self.recipe.cache_dir,
-                                       gguf_file=t.gguf_file)
+                                       gguf_file=t.gguf_file, offload=t.offload)
         return self._teacher
+
+    def student_device(self) -> torch.device:
+        """``student.device``, or where the teacher computes (its first parameter: offloading keeps the
+        embeddings on the device)."""
+        from distillery.models.load import pick_device
+
+        want = self.recipe.student.device
+        return next(self.teacher().model.parameters()).device if want == "auto" else pick_device(want)
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._blocks is None:
@@ -125,11 +133,11 @@ def stage_student_init(ctx: Context) -> list[str]:
         ctx.log(f"student: kept teacher layers {keep} ({len(keep)} of {total}, select={s.from_teacher.select})")
         meta = {"kept_layers": keep}
     elif s.model is not None:
-        student = load_model(s.model, device=r.teacher.device, dtype="float32", cache=r.cache_dir).model
+        student = load_model(s.model, device=str(ctx.student_device()), dtype="float32", cache=r.cache_dir).model
         meta = {"source": s.model}
     else:
         torch.manual_seed(r.seed)
-        student = fresh_student(teacher.model.config, s.config).to(next(teacher.model.parameters()).device)
+        student = fresh_student(teacher.model.config, s.config).to(ctx.student_device())
         meta = {"config": s.config}
     student = student.float()
     _save_hf(student, teacher.tokenizer, ctx.run / "student_init")
@@ -192,7 +200,8 @@ def _teacher_signal(ctx: Context):
 
     members = [main]
     for m in r.ensemble.members:
-        loaded = load_model(m.model, device=m.device, dtype=m.dtype, cache=r.cache_dir, gguf_file=m.gguf_file)
+        loaded = load_model(m.model, device=m.device, dtype=m.dtype, cache=r.cache_dir, gguf_file=m.gguf_file,
+                            offload=m.offload)
         model, model_id = loaded.model, m.model
         if m.keep_layers is not None:
             from distillery.models.student import cut_layers
@@ -231,7 +240,7 @@ def stage_distill(ctx: Context) -> list[str]:
             (ctx.run / "train.jsonl").unlink(missing_ok=True)
         atomic_write_json(owner, {"input_hash": ctx.input_hash})
     barrier()
-    device = next(teacher.model.parameters()).device
+    device = ctx.student_device()
     student = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32).to(device)
     signal = _teacher_signal(ctx)
     train_data, held = ctx.blocks()
@@ -295,7 +304,7 @@ def stage_evaluate(ctx: Context) -> list[str]:
     from distillery.evaluate.quality import evaluate_models, head
 
     r, teacher = ctx.recipe, ctx.teacher()
-    device = next(teacher.model.parameters()).device
+    device = ctx.student_device()
     held = head(ctx.blocks()[1], r.evaluate.eval_blocks)
     folders = {"student_init": "student_init", "student": "student"}
     models = {name: AutoModelForCausalLM.from_pretrained(ctx.run / folders[name], dtype=torch.float32).to(device)

@@ -31,8 +31,10 @@ class TeacherConfig(Strict):
         description="builtin:NAME, a Hugging Face folder, a .gguf file, or a hub id",
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a folder or hub repo)")
-    device: str = "auto"
+    device: str = Field("auto", description="where the teacher computes: auto (the GPU if any), cpu, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    offload: bool = Field(False, description="keep the decoder layers in CPU memory and copy each to `device` only "
+                          "for its forward: a teacher larger than the GPU, at the cost of the copies")
     keep_layers: list[int] | None = Field(
         None, description="use only these decoder layers of the model (e.g. a smaller ensemble member)")
 
@@ -60,6 +62,8 @@ class StudentConfig(Strict):
     from_teacher: CutConfig | None = None
     model: str | None = Field(None, description="an existing student: HF folder, GGUF or hub id")
     config: dict[str, Any] | None = Field(None, description="a fresh model: config overrides on the teacher's config")
+    device: str = Field("auto", description="where the student trains and is evaluated; auto = where the teacher "
+                        "computes (e.g. teacher.device: cpu with student.device: cuda puts the teacher on the CPU)")
 
     @model_validator(mode="after")
     def _one_way(self) -> "StudentConfig":

@@ -421,7 +421,7 @@ def make_backend(recipe, teacher=None):
     from distillery.models.load import load_model
 
     loaded = load_model(teacher.model, device=teacher.device, dtype=teacher.dtype, cache=recipe.cache_dir,
-                        gguf_file=teacher.gguf_file)
+                        gguf_file=teacher.gguf_file, offload=teacher.offload)
     return TransformersBackend(loaded.model, loaded.tokenizer, teacher.model, b.batch_size)
 
 

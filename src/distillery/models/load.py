@@ -165,8 +165,9 @@ def load_tokenizer(source: str, cache: str | os.PathLike | None = None, gguf_fil
 
 
 def load_model(source: str, *, device: str = "auto", dtype: str = "auto",
-               cache: str | os.PathLike | None = None, gguf_file: str | None = None) -> Loaded:
-    """Load any causal LM source on a device and dtype, in eval mode."""
+               cache: str | os.PathLike | None = None, gguf_file: str | None = None, offload: bool = False) -> Loaded:
+    """Load any causal LM source on a device and dtype, in eval mode. With ``offload`` its decoder
+    layers stay in CPU memory and are copied to the device one at a time (models/offload.py)."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
@@ -185,7 +186,13 @@ def load_model(source: str, *, device: str = "auto", dtype: str = "auto",
         offline = "offline" in str(e).lower() or "connect" in str(e).lower() or "resolve" in str(e).lower()
         hint = " (no network: download it elsewhere and pass the local folder)" if offline else ""
         raise ModelLoadError(f"{source}: could not load the model{hint}: {_first_line(e)}") from None
-    model.to(dev).eval()
+    if offload:
+        from distillery.models.offload import offload_layers
+
+        offload_layers(model, dev)
+    else:
+        model.to(dev)
+    model.eval()
     return Loaded(model, tok, source, tokenizer_fingerprint(tok))
 
 

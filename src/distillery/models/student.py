@@ -92,7 +92,11 @@ def cut_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
     layers = decoder_layers(teacher)
     if not keep or min(keep) < 0 or max(keep) >= len(layers):
         raise StudentError(f"keep_layers {keep}: out of range for {len(layers)} layers")
+    from distillery.models.offload import offload_like
+
     student = copy.deepcopy(teacher)
+    for src, dst in zip(layers, decoder_layers(student)):
+        offload_like(src, dst)
     kept = torch.nn.ModuleList([decoder_layers(student)[i] for i in keep])
     for new_idx, layer in enumerate(kept):
         # The KV cache is indexed by each attention module's layer_idx: renumber them.
