@@ -6,7 +6,7 @@
   seed (the same computation as the student's own ``generate``); ``token_ids`` per choice, or, with
   ``token_ids_field=False``, only ``logprobs.tokens`` keyed ``token_id:N`` without the EOS.
 - ``POST /collective_rpc {"method": "reload_weights"}``: reloads the model from its folder (vLLM's
-  dev-mode endpoint), counted in ``reloads``.
+  dev-mode endpoint), counted in ``reloads``; ``POST /reset_prefix_cache`` is counted in ``cache_resets``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 class ServerState:
     def __init__(self, model=None, model_dir: Path | None = None, name: str = "tiny", token_ids_field: bool = True):
         self.model, self.model_dir, self.name, self.token_ids_field = model, model_dir, name, token_ids_field
-        self.reloads, self.url = 0, ""
+        self.reloads, self.cache_resets, self.url = 0, 0, ""
         self.lock = threading.Lock()
         if model is None and model_dir is not None:
             self.reload()
@@ -58,6 +58,9 @@ class Handler(BaseHTTPRequestHandler):
                 st.reload()
                 st.reloads += 1
                 return self._send(200, {"results": [None]})
+            if self.path == "/reset_prefix_cache":
+                st.cache_resets += 1
+                return self._send(200, {})
             if self.path != "/v1/completions":
                 return self._send(404, {"error": f"no route {self.path}"})
             if body.get("model") != st.name:

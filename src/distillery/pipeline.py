@@ -256,11 +256,12 @@ def stage_distill(ctx: Context) -> list[str]:
         if r.distill.on_policy is not None:
             op = r.distill.on_policy
             sampler = None
-            if op.generator == "server":
-                from distillery.train.onpolicy import ServerSampler
+            if op.generator != "transformers":
+                from distillery.train.onpolicy import ServerSampler, VLLMSampler
 
-                sampler = ServerSampler(student, op, eos_token_id=tok.eos_token_id, tokenizer=tok, rank=rank,
-                                        barrier=barrier)
+                sampler = (ServerSampler if op.generator == "server" else VLLMSampler)(
+                    student, op, op.sync_dir or ctx.run / "policy", eos_token_id=tok.eos_token_id, tokenizer=tok,
+                    rank=rank, barrier=barrier)
             transform = OnPolicyBatches(student, op, seed=r.seed + g, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
                                         sampler=sampler)

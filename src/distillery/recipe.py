@@ -236,15 +236,16 @@ class QATConfig(Strict):
 
 class SamplingServerConfig(Strict):
     """An OpenAI-compatible server that serves the student (e.g. ``vllm serve``) and samples for it.
-    Before it samples, its copy is brought up to date: the student is written to ``sync_dir`` (the
-    folder the server was started from) and ``reload_body`` is POSTed to ``reload_path``."""
+    After the student is written to ``on_policy.sync_dir`` (the folder the server was started from),
+    ``reload_body`` is POSTed to ``reload_path``, then the server's prefix cache is reset."""
 
     base_url: str = Field(..., description="e.g. http://127.0.0.1:8000")
     model: str = Field(..., description="the served model name")
-    sync_dir: Path = Field(..., description="the folder the server serves the student from")
-    sync_every: int = Field(1, ge=1, description="re-sync once the server's copy is this many steps old")
     reload_path: str = Field("/collective_rpc", description="vLLM's, with VLLM_SERVER_DEV_MODE=1")
     reload_body: dict[str, Any] = Field({"method": "reload_weights"}, description="vLLM: reload from disk")
+    reset_cache_path: str | None = Field(
+        "/reset_prefix_cache", description="POSTed after each reload, so no KV cache computed with the old "
+        "weights is reused (vLLM, dev mode); null for a server without a prefix cache")
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
     timeout_s: float = Field(300.0, gt=0)
 
@@ -258,10 +259,16 @@ class OnPolicyConfig(Strict):
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    generator: Literal["transformers", "server"] = Field(
+    generator: Literal["transformers", "server", "vllm"] = Field(
         "transformers", description="transformers: the student's generate in this process; server: an "
-        "OpenAI-compatible server serving the student (vllm serve), synced before it samples")
+        "OpenAI-compatible server serving the student (vllm serve); vllm: vLLM's engine in this process. "
+        "Server and vllm sample from a copy of the student, synced before they sample")
+    sync_dir: Path | None = Field(None, description="server, vllm: the folder the student is written to for "
+                                  "them (a server must be started from it); default <run>/policy")
+    sync_every: int = Field(1, ge=1, description="re-sync once the copy is this many optimiser steps old")
     server: SamplingServerConfig | None = None
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="vllm: the share of GPU memory vLLM's engine "
+                                   "takes (weights and KV cache); training keeps the rest")
     kv_cache: Literal["auto", "dynamic", "static"] = Field(
         "auto", description="transformers generator: a static KV cache is compiled by transformers on a GPU, "
         "0.38x the step time of a dynamic one on an H200 (benchmarks/cuda_paths.py); auto = static on CUDA")
@@ -269,7 +276,7 @@ class OnPolicyConfig(Strict):
     @model_validator(mode="after")
     def _server_named(self):
         if self.generator == "server" and self.server is None:
-            raise ValueError("generator 'server' needs a server block (base_url, model, sync_dir)")
+            raise ValueError("generator 'server' needs a server block (base_url, model)")
         return self
 
 

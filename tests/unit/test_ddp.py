@@ -122,7 +122,7 @@ def test_torchrun_distill_stage_from_the_cli(tiny_teacher_dir, lee_file, tmp_pat
             sync = tmp_path / "policy"
             shutil.copytree(tiny_teacher_dir, sync)  # any model of the student's vocabulary to start from
             srv = stack.enter_context(serve(model_dir=sync))
-            extra["on_policy"]["server"] = {"base_url": srv.url, "model": "tiny", "sync_dir": str(sync)}
+            extra["on_policy"].update(sync_dir=str(sync), server={"base_url": srv.url, "model": "tiny"})
         recipe = _prepare_tiny(tmp_path, tiny_teacher_dir, lee_file, fsdp=fsdp, **extra)
         torchrun = Path(sys.executable).parent / "torchrun"
         proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "distillery.cli",

@@ -8,14 +8,15 @@ import torch
 
 from distillery.io import ServerError
 from distillery.recipe import OnPolicyConfig
-from distillery.train.onpolicy import OnPolicyBatches, ServerSampler, TransformersSampler, write_model_files
+from distillery.train.onpolicy import (OnPolicyBatches, ServerSampler, TransformersSampler, VLLMSampler,
+                                       write_model_files)
 from tests.conftest import assert_kl_lowered, run, tiny_llama, tiny_recipe
 from tests.model_server import serve
 
 
-def server_cfg(url: str, sync_dir, **kw) -> OnPolicyConfig:
-    return OnPolicyConfig(lam=1.0, prompt_tokens=4, max_new_tokens=8, generator="server",
-                          server={"base_url": url, "model": "tiny", "sync_dir": sync_dir, **kw})
+def server_cfg(url: str, sync_every: int = 1, **kw) -> OnPolicyConfig:
+    return OnPolicyConfig(lam=1.0, prompt_tokens=4, max_new_tokens=8, generator="server", sync_every=sync_every,
+                          server={"base_url": url, "model": "tiny", **kw})
 
 
 @pytest.mark.parametrize("token_ids_field", [True, False], ids=["token_ids", "logprobs-tokens"])
@@ -25,24 +26,23 @@ def test_server_samples_are_the_students_own_after_each_sync(tmp_path, token_ids
     write_model_files(student, sync)  # the folder the server is started from
     prompts = torch.randint(1, 512, (3, 4), generator=torch.Generator().manual_seed(0))
     with serve(model_dir=sync, token_ids_field=token_ids_field) as srv:
-        cfg = server_cfg(srv.url, sync, sync_every=2)
-        remote = ServerSampler(student, cfg, eos_token_id=0)
+        cfg = server_cfg(srv.url, sync_every=2)
+        remote = ServerSampler(student, cfg, sync, eos_token_id=0)
         local = TransformersSampler(student, cfg, pad_token_id=0, eos_token_id=0)
         remote.sync(0)
-        assert srv.reloads == 1
+        assert srv.reloads == srv.cache_resets == 1
         assert remote(prompts, seed=7) == local(prompts, seed=7)  # same weights, same seed: same tokens
         student.load_state_dict(tiny_llama(layers=2, seed=1).state_dict())  # training moved the student
         remote.sync(1)  # the server's copy is one step old, within sync_every=2: no reload
         assert srv.reloads == 1
         assert remote(prompts, seed=7) != local(prompts, seed=7)
         remote.sync(2)
-        assert srv.reloads == 2
+        assert srv.reloads == srv.cache_resets == 2
         assert remote(prompts, seed=7) == local(prompts, seed=7)
 
 
 def test_a_completion_that_stopped_keeps_its_eos(tmp_path):
-    cfg = server_cfg("http://127.0.0.1:9", tmp_path)
-    s = ServerSampler(tiny_llama(layers=1), cfg, eos_token_id=0)
+    s = ServerSampler(tiny_llama(layers=1), server_cfg("http://127.0.0.1:9"), tmp_path, eos_token_id=0)
     assert s._tokens({"token_ids": [5, 6], "finish_reason": "stop"}, "u") == [5, 6, 0]
     assert s._tokens({"token_ids": [5, 0, 7], "finish_reason": "stop"}, "u") == [5, 0]
     assert s._tokens({"logprobs": {"tokens": ["token_id:5"] * 8}, "finish_reason": "length"}, "u") == [5] * 8
@@ -55,13 +55,13 @@ def test_server_errors_name_the_url(tmp_path):
     sync = tmp_path / "policy"
     write_model_files(student, sync)
     with serve(model_dir=sync) as srv:
-        bad = ServerSampler(student, server_cfg(srv.url, sync, reload_path="/reload"), eos_token_id=0)
+        bad = ServerSampler(student, server_cfg(srv.url, reload_path="/reload"), sync, eos_token_id=0)
         with pytest.raises(ServerError, match=r"/reload: HTTP 404.*VLLM_SERVER_DEV_MODE"):
             bad.sync(0)
-        wrong = ServerSampler(student, server_cfg(srv.url, sync, model="other"), eos_token_id=0)
+        wrong = ServerSampler(student, server_cfg(srv.url, model="other"), sync, eos_token_id=0)
         with pytest.raises(ServerError, match=r"/v1/completions: HTTP 404"):
             wrong(torch.ones(1, 4, dtype=torch.long), seed=0)
-    gone = ServerSampler(student, server_cfg("http://127.0.0.1:9", sync, timeout_s=5), eos_token_id=0)
+    gone = ServerSampler(student, server_cfg("http://127.0.0.1:9", timeout_s=5), sync, eos_token_id=0)
     with pytest.raises(ServerError, match="127.0.0.1:9/collective_rpc: cannot reach"):
         gone.sync(0)
 
@@ -71,8 +71,9 @@ def test_on_policy_batches_from_the_server_score_only_the_completions(tmp_path):
     sync = tmp_path / "policy"
     write_model_files(student, sync)
     with serve(model_dir=sync) as srv:
-        cfg = server_cfg(srv.url, sync)
-        op = OnPolicyBatches(student, cfg, seed=3, eos_token_id=0, sampler=ServerSampler(student, cfg, eos_token_id=0))
+        cfg = server_cfg(srv.url)
+        op = OnPolicyBatches(student, cfg, seed=3, eos_token_id=0,
+                             sampler=ServerSampler(student, cfg, sync, eos_token_id=0))
         local = OnPolicyBatches(student, cfg, seed=3, eos_token_id=0)
         batch = {"input_ids": torch.randint(1, 512, (3, 12)), "example_ids": torch.arange(3)}
         a, b = op(batch, step=5), local(batch, step=5)
@@ -94,8 +95,8 @@ def test_on_policy_gkd_through_a_sampling_server(tiny_teacher_dir, lee_file, tmp
     shutil.copytree(tmp_path / "runs" / "v" / "student_init", sync)  # as one would before `vllm serve`
     with serve(model_dir=sync) as srv:
         recipe = {**base, "distill": {**base["distill"], "on_policy": {
-            "lam": 1.0, "prompt_tokens": 8, "max_new_tokens": 16, "generator": "server",
-            "server": {"base_url": srv.url, "model": "tiny", "sync_dir": str(sync), "sync_every": 2}}}}
+            "lam": 1.0, "prompt_tokens": 8, "max_new_tokens": 16, "generator": "server", "sync_dir": str(sync),
+            "sync_every": 2, "server": {"base_url": srv.url, "model": "tiny"}}}}
         summary = run(recipe)
         reloads = srv.reloads
     assert reloads == 10  # steps 0, 2, ..., 18: every batch is on-policy, the copy never over 1 step old
@@ -111,3 +112,13 @@ def test_a_static_kv_cache_samples_the_same_tokens():
     static = TransformersSampler(student, cfg.model_copy(update={"kv_cache": "static"}), eos_token_id=0)
     assert static._static(prompts) and not dynamic._static(prompts)
     assert static(prompts, seed=7) == dynamic(prompts, seed=7)
+
+
+def test_the_vllm_generator_says_what_is_missing(tmp_path):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="generator vllm: the vllm package is not installed"):
+            VLLMSampler(tiny_llama(layers=1), OnPolicyConfig(generator="vllm"), tmp_path)
+        return
+    pytest.skip("vllm is installed: this checks only the message for machines without it")

@@ -5,9 +5,9 @@ the teacher then scores those very tokens and the divergence (usually the genera
 on the generated positions only. Sampling is seeded by (seed, step), so a resumed run draws the same
 completions as an uninterrupted one.
 
-The samples come from the student in this process (transformers ``generate``), or from an
-OpenAI-compatible server that serves the student (``vllm serve``): before it samples, the server's
-copy is brought up to date by writing the student to the folder it serves and asking it to reload.
+The samples come from the student in this process (transformers ``generate``), or from a copy of
+it that an OpenAI-compatible server (``vllm serve``) or vLLM's engine holds: before the copy
+samples, it is brought up to date by writing the student to its folder and having it reload.
 """
 
 from __future__ import annotations
@@ -64,40 +64,64 @@ def until_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens
 
 
-class ServerSampler:
-    """The student's samples from an OpenAI-compatible ``/v1/completions`` (prompts sent as token ids).
+class SyncedSampler:
+    """Samples from a copy of the student that lives elsewhere (a server, vLLM's engine). Before it
+    samples, a copy ``sync_every`` or more steps old is brought up to date. The student is written to
+    ``sync_dir`` one file at a time with atomic renames, then the copy reloads it. A sharded student
+    is gathered first (every rank joins); rank 0 writes, and ranks wait for each other."""
 
-    Sync: the (unwrapped) student is written to ``server.sync_dir``, the folder the server was started
-    from, one file at a time with atomic renames, then ``POST {base_url}{reload_path}`` with
-    ``reload_body``; the default is vLLM's ``/collective_rpc`` ``{"method": "reload_weights"}``, which
-    ``vllm serve`` offers under ``VLLM_SERVER_DEV_MODE=1``. Under torchrun rank 0 writes and reloads
-    and the other ranks wait for it.
-    """
-
-    def __init__(self, student: torch.nn.Module, cfg, *, eos_token_id: int | None = None, tokenizer=None,
-                 rank: int = 0, barrier=None):
-        self.student, self.cfg, self.sv = student, cfg, cfg.server
-        self.eos, self.tokenizer, self.rank, self.barrier = eos_token_id, tokenizer, rank, barrier
-        self.url = self.sv.base_url.rstrip("/")
-        self.api_key = os.environ.get(self.sv.api_key_env) if self.sv.api_key_env else None
+    def __init__(self, student: torch.nn.Module, cfg, sync_dir: Path, *, eos_token_id: int | None = None,
+                 tokenizer=None, rank: int = 0, barrier=None):
+        self.student, self.cfg, self.sync_dir = student, cfg, Path(sync_dir)
+        self.eos, self.tokenizer, self.rank, self.barrier = eos_token_id, tokenizer, rank, barrier or (lambda: None)
         self.synced_at: int | None = None
         self.syncs = 0
 
     def sync(self, step: int) -> None:
-        """Bring the server's copy up to date when it is ``sync_every`` or more steps old."""
-        if self.synced_at is not None and step - self.synced_at < self.sv.sync_every:
+        if self.synced_at is not None and step - self.synced_at < self.cfg.sync_every:
             return
-        # A sharded student is gathered first: a collective every rank joins, rank 0 gets the tensors.
-        state = full_state_dict(self.student) if is_sharded(self.student) else None
+        state = full_state_dict(self.student) if is_sharded(self.student) else None  # a collective
         if self.rank == 0:
-            write_model_files(self.student, Path(self.sv.sync_dir), self.tokenizer if self.syncs == 0 else None,
+            write_model_files(self.student, self.sync_dir, self.tokenizer if self.syncs == 0 else None,
                               state_dict=state)
-            post_json(self.url + self.sv.reload_path, self.sv.reload_body, api_key=self.api_key,
-                      timeout=self.sv.timeout_s, hint=" (a vLLM server offers /collective_rpc only when started "
-                      "with VLLM_SERVER_DEV_MODE=1)")
-        if self.barrier is not None:
-            self.barrier()
+        self.barrier()
+        self.reload()
+        self.barrier()
         self.synced_at, self.syncs = step, self.syncs + 1
+
+    def reload(self) -> None:
+        raise NotImplementedError
+
+    def finish(self, ids: list[int], finish_reason: str | None) -> list[int]:
+        """A completion as token ids, ending at its EOS when it stopped on one, so the student learns to stop."""
+        ids = [int(t) for t in ids][: self.cfg.max_new_tokens]
+        if finish_reason == "stop" and self.eos is not None and (not ids or ids[-1] != self.eos) \
+                and len(ids) < self.cfg.max_new_tokens:
+            ids.append(self.eos)
+        return until_eos(ids, self.eos)
+
+
+class ServerSampler(SyncedSampler):
+    """An OpenAI-compatible ``/v1/completions`` that serves the student, prompts sent as token ids.
+    Reload: ``reload_body`` to ``reload_path``, by default vLLM's ``/collective_rpc``
+    ``{"method": "reload_weights"}`` (``vllm serve`` offers it under ``VLLM_SERVER_DEV_MODE=1``),
+    then a POST to ``reset_cache_path`` so no prefix cache from the old weights is reused."""
+
+    def __init__(self, student: torch.nn.Module, cfg, sync_dir: Path, **kw):
+        super().__init__(student, cfg, sync_dir, **kw)
+        self.sv = cfg.server
+        self.url = self.sv.base_url.rstrip("/")
+        self.api_key = os.environ.get(self.sv.api_key_env) if self.sv.api_key_env else None
+
+    def reload(self) -> None:
+        if self.rank != 0:  # one server: rank 0 speaks for everyone
+            return
+        hint = " (a vLLM server offers this only when started with VLLM_SERVER_DEV_MODE=1)"
+        post_json(self.url + self.sv.reload_path, self.sv.reload_body, api_key=self.api_key,
+                  timeout=self.sv.timeout_s, hint=hint)
+        if self.sv.reset_cache_path:
+            post_json(self.url + self.sv.reset_cache_path, {}, api_key=self.api_key, timeout=self.sv.timeout_s,
+                      hint=hint)
 
     def __call__(self, prompts: torch.Tensor, seed: int) -> list[list[int]]:
         body = {"model": self.sv.model, "prompt": prompts.tolist(), "max_tokens": self.cfg.max_new_tokens,
@@ -119,12 +143,40 @@ class ServerSampler:
                 raise ServerError(f"{url}: choice {choice.get('index')}: no token ids (needs vLLM's return_token_ids "
                                   "or return_tokens_as_token_ids with logprobs)")
             ids = [int(str(t).removeprefix("token_id:")) for t in tokens]
-        ids = [int(t) for t in ids][: self.cfg.max_new_tokens]
-        # A completion that stopped on EOS ends with it, so the student learns to stop there too.
-        if choice.get("finish_reason") == "stop" and self.eos is not None and (not ids or ids[-1] != self.eos) \
-                and len(ids) < self.cfg.max_new_tokens:
-            ids.append(self.eos)
-        return until_eos(ids, self.eos)
+        return self.finish(ids, choice.get("finish_reason"))
+
+
+class VLLMSampler(SyncedSampler):
+    """vLLM's offline engine in this process (each rank its own), taking ``vllm_gpu_memory`` of the
+    GPU. It is started from ``sync_dir`` at the first sync; later syncs reload the weights from there
+    (``collective_rpc("reload_weights")``) and reset its prefix cache. Written against vLLM's public
+    API but not run here: neither of our machines has vLLM."""
+
+    def __init__(self, student: torch.nn.Module, cfg, sync_dir: Path, **kw):
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise RuntimeError("distill.on_policy.generator vllm: the vllm package is not installed (pip install "
+                               "vllm, on a machine with a GPU); or use generator: transformers or server") from None
+        super().__init__(student, cfg, sync_dir, **kw)
+        self.llm = None
+
+    def reload(self) -> None:
+        import vllm
+
+        if self.llm is None:
+            self.llm = vllm.LLM(model=str(self.sync_dir), gpu_memory_utilization=self.cfg.vllm_gpu_memory, seed=0)
+        else:
+            self.llm.collective_rpc("reload_weights")
+            self.llm.reset_prefix_cache()
+
+    def __call__(self, prompts: torch.Tensor, seed: int) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=1, max_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                top_p=self.cfg.top_p, seed=seed)
+        outs = self.llm.generate([{"prompt_token_ids": row} for row in prompts.tolist()], params, use_tqdm=False)
+        return [self.finish(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
 
 
 def write_model_files(model: torch.nn.Module, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
