@@ -54,6 +54,13 @@ def test_distillation_lowers_kl_to_the_teacher(blocks, tmp_path):
     assert records[-1]["eval_kl_to_teacher"] == pytest.approx(after["kl_to_teacher"], rel=1e-6)
     assert [r["step"] for r in records] == list(range(1, 31))
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 30
+    import resource
+
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this process: its peak so far
+    for r in records:  # every record carries its terms, throughput and memory
+        assert {"loss", "kd", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_rss_gb"} <= r.keys()
+        assert r["tokens"] == 4 * (blocks.shape[1] - 1) and r["tokens_per_s"] > 0
+        assert 0.05 < r["peak_rss_gb"] <= rss_gb
 
 
 def test_grad_accumulation_gives_the_same_update(blocks, tmp_path):

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -276,7 +277,18 @@ def _item(x: torch.Tensor) -> float:
 
 
 def _memory(device: torch.device) -> dict:
-    return {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+    """Peak memory so far: the process's resident set (all devices' host side), and the GPU's."""
+    out = {}
+    try:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out["peak_rss_gb"] = kib / (2**30 if sys.platform == "darwin" else 2**20)
+    except ImportError:  # Windows
+        pass
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
 
 
 def shard(model: torch.nn.Module, *, forward_only: bool = False) -> None:
