@@ -514,6 +514,9 @@ class Recipe(Strict):
                                  f"distill.losses.kd.temperature ({d.losses.kd.temperature})")
             if self.data.format != "blocks":
                 raise ValueError("distill.teacher_source: store works with data.format: blocks")
+            if d.on_policy is not None and d.on_policy.lam > 0:
+                raise ValueError("distill.on_policy: the student's samples are new text the logit store has no "
+                                 "entries for; use teacher_source online or served")
         if d.teacher_source == "served" and d.served is None:
             raise ValueError("distill.teacher_source: served needs distill.served (base_url, model)")
         if self.ensemble is not None and self.ensemble.weights is not None \

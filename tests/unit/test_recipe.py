@@ -53,6 +53,18 @@ def test_missing_file_and_wrong_type(tmp_path):
     assert "distill.batch_size" in msg
 
 
+def test_on_policy_needs_a_teacher_that_can_score_new_text(tmp_path):
+    data = quickstart()
+    data["capture"] = {"k": 16}
+    data["distill"].update(teacher_source="store", on_policy={"lam": 0.5})
+    with pytest.raises(RecipeError, match="distill.on_policy: the student's samples are new text"):
+        load_recipe(write(tmp_path, data))
+    data["distill"]["on_policy"] = {"generator": "server"}
+    data["distill"]["teacher_source"] = "online"
+    with pytest.raises(RecipeError, match="generator 'server' needs a server block"):
+        load_recipe(write(tmp_path, data))
+
+
 def test_overrides_are_validated(tmp_path):
     r = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["distill.steps=7", "distill.losses.kd.temperature=2.0"])
     assert r.distill.steps == 7 and r.distill.losses.kd.temperature == 2.0
