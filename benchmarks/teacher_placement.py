@@ -5,7 +5,8 @@ forward: `teacher.offload: true`), or computing on the CPU (`teacher.device: cpu
 The teacher has the real SmolLM2-135M architecture (30 layers, width 576, vocab 49152) with random
 weights, in bf16; the fp32 student keeps 15 of its layers and trains under bf16 autocast. Reported
 as ratios to the resident run in the same process: step time, peak GPU memory, and the teacher's
-weight bytes on the GPU. The offloaded teacher's logits must equal the resident one's exactly.
+weight bytes on the GPU. The offloaded teacher's logits must equal the resident one's exactly, and
+a student cut from it by block influence must equal the cut from the resident teacher.
 
     python benchmarks/teacher_placement.py [--quick]
 """
@@ -68,6 +69,23 @@ def run(placement: str, blocks: torch.Tensor, steps: int) -> dict:
             "last_loss": records[-1]["loss"], "probe": probe}
 
 
+def cut_from_offloaded_matches(blocks: torch.Tensor) -> dict:
+    """The student_init stage on an offloaded teacher: layers chosen by block influence and the cut
+    copy must equal those from the same teacher resident on the GPU."""
+    from distillery.models.student import block_influence
+
+    picked, states = {}, {}
+    for placement in ("resident", "offloaded"):
+        teacher = teacher_for(placement)
+        scores = block_influence(teacher, blocks[:8])  # on the CPU, as the pipeline passes them
+        picked[placement] = sorted(sorted(range(30), key=lambda i: -scores[i])[:15])
+        student = cut_layers(teacher, picked[placement]).float()
+        states[placement] = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    same = picked["resident"] == picked["offloaded"] and all(
+        torch.equal(v, states["offloaded"][k]) for k, v in states["resident"].items())
+    return {"offloaded_cut_equals_resident_cut": float(same)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -83,6 +101,7 @@ def main() -> None:
         metrics[f"{p}_over_resident_step_time"] = runs[p]["step_s"] / base["step_s"]
         metrics[f"{p}_over_resident_peak_memory"] = runs[p]["peak_gb"] / base["peak_gb"]
     metrics["offloaded_logits_max_abs_diff"] = float((runs["offloaded"]["probe"] - base["probe"]).abs().max())
+    metrics.update(cut_from_offloaded_matches(blocks))
     metrics["offloaded_same_losses"] = float(runs["offloaded"]["first_loss"] == base["first_loss"]
                                              and runs["offloaded"]["last_loss"] == base["last_loss"])
     print_table([(p, f"{r['step_s'] * 1000:.0f} ms", f"{r['peak_gb']:.2f} GB", f"{r['teacher_gpu_gb']:.3f} GB",
@@ -91,7 +110,9 @@ def main() -> None:
     print(f"offloaded / resident: step time {metrics['offloaded_over_resident_step_time']:.2f}, peak memory "
           f"{metrics['offloaded_over_resident_peak_memory']:.2f}, logits max |diff| "
           f"{metrics['offloaded_logits_max_abs_diff']:.1e}; CPU teacher / resident: step time "
-          f"{metrics['cpu_over_resident_step_time']:.2f}, peak memory {metrics['cpu_over_resident_peak_memory']:.2f}")
+          f"{metrics['cpu_over_resident_step_time']:.2f}, peak memory {metrics['cpu_over_resident_peak_memory']:.2f}; "
+          f"student cut from the offloaded teacher equals the resident cut: "
+          f"{bool(metrics['offloaded_cut_equals_resident_cut'])}")
     write_results("teacher_placement", metrics, {"steps": steps, "batch": 8, "seq_len": 512, "teacher_dtype": "bf16",
                                                  "device": torch.cuda.get_device_name(0)})
 
