@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -47,3 +48,13 @@ def print_table(rows: list[tuple], header: tuple) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def gpu_args(name: str, doc: str) -> argparse.Namespace:
+    """A GPU benchmark's arguments (``--quick``), or a clear exit where there is no CUDA device."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{name}: no CUDA device here; run it on a GPU machine")
+    return args

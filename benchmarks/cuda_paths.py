@@ -10,7 +10,6 @@ weights, so the script needs no download; the student keeps 15 of the teacher's 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import gpu_args, print_table, write_results  # noqa: E402
 
 from distillery.losses.divergences import token_kd_loss  # noqa: E402
 from distillery.models.student import cut_layers, evenly_spaced  # noqa: E402
@@ -71,11 +70,7 @@ def loss_bf16_error() -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("cuda_paths: no CUDA device here; run it on a GPU machine")
+    args = gpu_args("cuda_paths", __doc__)
     steps = 6 if args.quick else 20
     teacher = smollm2_like().cuda().eval()
     blocks = torch.randint(0, 49152, (steps * 8, 512))

@@ -13,7 +13,6 @@ a student cut from it by block influence must equal the cut from the resident te
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import gpu_args, print_table, write_results  # noqa: E402
 from cuda_paths import smollm2_like  # noqa: E402
 
 from distillery.models.offload import offload_layers  # noqa: E402
@@ -87,11 +86,7 @@ def cut_from_offloaded_matches(blocks: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("teacher_placement: no CUDA device here; run it on a GPU machine")
+    args = gpu_args("teacher_placement", __doc__)
     steps = 5 if args.quick else 12
     blocks = torch.randint(0, 49152, (steps * 8, 512), generator=torch.Generator().manual_seed(0))
     runs = {p: run(p, blocks, steps) for p in ("resident", "offloaded", "cpu")}
