@@ -23,7 +23,7 @@ class ServedTeacherError(ServerError):
     """The server could not be reached or answered something unusable; the message names the URL."""
 
 
-def _parse_token_id(key: str) -> int:
+def parse_token_id(key: str) -> int:
     # vLLM keys prompt_logprobs by token id ("123"); with return_tokens_as_token_ids the generated
     # step's top_logprobs are keyed "token_id:123".
     return int(key.removeprefix("token_id:"))
@@ -33,7 +33,7 @@ def _top_entries(entry: dict, k: int) -> list[tuple[int, float]]:
     items = []
     for key, v in entry.items():
         lp = v["logprob"] if isinstance(v, dict) else v
-        items.append((_parse_token_id(key), float(lp)))
+        items.append((parse_token_id(key), float(lp)))
     items.sort(key=lambda x: -x[1])
     return items[:k]
 

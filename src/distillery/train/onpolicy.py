@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from distillery.io import ServerError, post_json
+from distillery.signals.served import parse_token_id
 from distillery.train.loop import full_state_dict, is_sharded
 
 
@@ -142,7 +143,7 @@ class ServerSampler(SyncedSampler):
             if tokens is None:
                 raise ServerError(f"{url}: choice {choice.get('index')}: no token ids (needs vLLM's return_token_ids "
                                   "or return_tokens_as_token_ids with logprobs)")
-            ids = [int(str(t).removeprefix("token_id:")) for t in tokens]
+            ids = [parse_token_id(str(t)) for t in tokens]
         return self.finish(ids, choice.get("finish_reason"))
 
 
