@@ -16,7 +16,7 @@ from distillery.models.student import cut_layers
 from distillery.recipe import DistillConfig
 from distillery.signals.online import OnlineTeacher
 from distillery.train.loop import train
-from tests.conftest import tiny_llama, tiny_recipe
+from tests.helpers import tiny_llama, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ WORKER = textwrap.dedent("""
     from distillery.recipe import DistillConfig
     from distillery.signals.online import OnlineTeacher
     from distillery.train.loop import init_distributed, train, world
-    from tests.conftest import tiny_llama, tiny_recipe
+    from tests.helpers import tiny_llama, tiny_recipe
     import torch.distributed as dist
 
     init_distributed()

@@ -15,7 +15,7 @@ from distillery.models.student import cut_layers
 from distillery.recipe import DistillConfig
 from distillery.signals.online import OnlineTeacher
 from distillery.train.loop import lr_lambda, step_indices, train
-from tests.conftest import tiny_llama, tiny_recipe
+from tests.helpers import tiny_llama, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from distillery.io import ServerError
 from distillery.recipe import OnPolicyConfig
 from distillery.train.onpolicy import (OnPolicyBatches, ServerSampler, TransformersSampler, VLLMSampler,
                                        write_model_files)
-from tests.conftest import assert_kl_lowered, run, tiny_llama, tiny_recipe
+from tests.helpers import assert_kl_lowered, run, tiny_llama, tiny_recipe
 from tests.model_server import serve
 
 

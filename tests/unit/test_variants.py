@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distillery.recipe import parse_recipe
-from tests.conftest import assert_kl_lowered, run, tiny_llama, tiny_recipe
+from tests.helpers import assert_kl_lowered, run, tiny_llama, tiny_recipe
 
 
 def test_token_kd_from_the_logit_store(tiny_teacher_dir, lee_file, tmp_path):
