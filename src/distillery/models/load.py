@@ -12,12 +12,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from distillery.io import atomic_write_json, save_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +97,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict(), strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / ".complete").write_text(json.dumps({"source": str(gguf)}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_model_folder(plain, target, tok)
+    # Written last: a conversion killed before this line is redone, never half-used.
+    atomic_write_json(target / ".complete", {"source": str(gguf)})
     return target
 
 

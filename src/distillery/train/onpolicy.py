@@ -12,17 +12,14 @@ samples, it is brought up to date by writing the student to its folder and havin
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from distillery.io import ServerError, post_json
+from distillery.io import ServerError, post_json, save_model_folder
 from distillery.signals.served import parse_token_id
-from distillery.train.loop import full_state_dict, is_sharded
+from distillery.train.distributed import full_state_dict, is_sharded
 
 
 class TransformersSampler:
@@ -112,7 +109,7 @@ class ServerSampler(SyncedSampler):
         super().__init__(student, cfg, sync_dir, **kw)
         self.sv = cfg.server
         self.url = self.sv.base_url.rstrip("/")
-        self.api_key = os.environ.get(self.sv.api_key_env) if self.sv.api_key_env else None
+        self.api_key = self.sv.api_key()
 
     def reload(self) -> None:
         if self.rank != 0:  # one server: rank 0 speaks for everyone
@@ -181,25 +178,16 @@ class VLLMSampler(SyncedSampler):
 
 
 def write_model_files(model: torch.nn.Module, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
-    """``save_pretrained`` into ``folder`` file by file with atomic renames: the folder (which a
-    server may be serving) never goes missing and never holds half a file."""
+    """The student into the folder a sampler serves from, file by file (io.save_model_folder)."""
     from transformers.utils import logging as hf_logging
 
-    model = getattr(model, "module", model)  # DDP
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one bar per sync would bury the training bar
     try:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            os.replace(f, folder / f.name)
+        save_model_folder(getattr(model, "module", model), folder, tokenizer, state_dict=state_dict, swap="files")
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class OnPolicyBatches:
