@@ -6,7 +6,8 @@ import torch
 from distillery.data.sources import read_austen, to_blocks
 from distillery.evaluate.quality import evaluate_models
 from distillery.models.load import load_model, tokenizer_fingerprint
-from distillery.models.student import choose_layers, cut_layers, decoder_layers
+from distillery.models.layers import decoder_layers
+from distillery.models.student import choose_layers, cut_layers
 from distillery.recipe import CutConfig, DistillConfig
 from distillery.signals.online import OnlineTeacher
 from distillery.train.loop import train

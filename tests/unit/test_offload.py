@@ -6,8 +6,9 @@ benchmarks/teacher_placement.py."""
 import torch
 
 from distillery.models.offload import is_offloaded, offload_layers
-from distillery.models.student import cut_layers, decoder_layers
-from tests.conftest import assert_kl_lowered, run, tiny_llama, tiny_recipe
+from distillery.models.layers import decoder_layers
+from distillery.models.student import cut_layers
+from tests.helpers import assert_kl_lowered, run, tiny_llama, tiny_recipe
 
 X = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
 

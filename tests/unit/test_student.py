@@ -2,10 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distillery.models.student import (StudentError, block_influence, choose_layers, cut_layers, decoder_layers,
-                                       evenly_spaced, fresh_student)
+from distillery.models.layers import decoder_layers
+from distillery.models.student import (StudentError, block_influence, choose_layers, cut_layers, evenly_spaced,
+                                       fresh_student)
 from distillery.recipe import CutConfig
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 
 def test_evenly_spaced_keeps_ends():
@@ -60,3 +61,14 @@ def test_fresh_student_from_config():
     assert s.config.num_hidden_layers == 2 and len(decoder_layers(s)) == 2
     with pytest.raises(StudentError, match="student.config.nonsense"):
         fresh_student(teacher.config, {"nonsense": 1})
+
+
+def test_decoder_layers_of_other_architectures_and_of_a_model_without_them():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=64))
+    assert decoder_layers(gpt2) is gpt2.transformer.h
+    student = cut_layers(gpt2, [0, 2])
+    assert len(student.transformer.h) == 2 and student.config.n_layer == 2
+    with pytest.raises(ValueError, match="Linear: cannot find its decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))

@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from distillery.models.student import decoder_layers
+from distillery.models.layers import replace_decoder_layers
 
 # layer -> (execution device, its parameters' CPU tensors, in ``parameters()`` order)
 _MASTERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.device, list[torch.Tensor]]]" = \
@@ -26,12 +26,9 @@ def offload_layers(model: torch.nn.Module, device: torch.device | str) -> torch.
     """Keep ``model``'s decoder layers in (pinned) CPU memory and run each on ``device``; the rest of
     the model moves to ``device``. For inference only: the layers no longer take gradients."""
     device = torch.device(device)
-    layers = decoder_layers(model)
-    base = getattr(model, "base_model", model)
-    name = next(n for n in ("layers", "h", "blocks") if getattr(base, n, None) is layers)
-    setattr(base, name, torch.nn.ModuleList())  # move everything but the layers
+    layers = replace_decoder_layers(model, torch.nn.ModuleList())  # move everything but the layers
     model.to(device)
-    setattr(base, name, layers)
+    replace_decoder_layers(model, layers)
     for layer in layers:
         layer.to("cpu").requires_grad_(False)
         for module in layer.modules():  # buffers are small: they live on the device

@@ -10,19 +10,12 @@ import copy
 
 import torch
 
+from distillery.models.layers import decoder_layers, replace_decoder_layers
+from distillery.models.offload import offload_like
+
 
 class StudentError(ValueError):
     pass
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The list of decoder blocks of a Hugging Face causal LM (Llama, Qwen, Mistral, GPT-2, ...)."""
-    base = getattr(model, "base_model", model)
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise StudentError(f"{type(model).__name__}: cannot find its decoder layers (looked for layers, h, blocks)")
 
 
 def evenly_spaced(total: int, n: int) -> list[int]:
@@ -92,8 +85,6 @@ def cut_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
     layers = decoder_layers(teacher)
     if not keep or min(keep) < 0 or max(keep) >= len(layers):
         raise StudentError(f"keep_layers {keep}: out of range for {len(layers)} layers")
-    from distillery.models.offload import offload_like
-
     student = copy.deepcopy(teacher)
     for src, dst in zip(layers, decoder_layers(student)):
         offload_like(src, dst)
@@ -103,11 +94,7 @@ def cut_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
-    base = getattr(student, "base_model", student)
-    for name in ("layers", "h", "blocks"):
-        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
-            setattr(base, name, kept)
-            break
+    replace_decoder_layers(student, kept)
     cfg = student.config
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         if hasattr(cfg, attr):

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from distillery.models.student import decoder_layers
+from distillery.models.layers import decoder_layers
 
 
 @contextlib.contextmanager
