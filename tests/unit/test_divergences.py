@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distillery.losses.divergences import (
-    DIVERGENCES, TAILS, generalized_jsd, token_kd_loss, token_kd_loss_from_hidden,
+    DIVERGENCES, TAILS, KDOptions, generalized_jsd, token_kd_loss, token_kd_loss_from_hidden,
 )
 from distillery.signals.base import Signal, TeacherIdentity
 
@@ -225,6 +225,22 @@ def test_sparse_temperature_mismatch_is_an_error():
         token_kd_loss(s, _sparse(t, 5, 2.0), mask, temperature=1.0)
     with pytest.raises(ValueError, match="mse"):
         token_kd_loss(s, _sparse(t, 5, 1.0), mask, divergence="mse")
+
+
+def test_options_built_once_equal_the_keywords_and_not_both():
+    s, t, mask = _batch()
+    h = torch.randn(*s.shape[:-1], 5, dtype=torch.float64)
+    w = torch.randn(s.shape[-1], 5, dtype=torch.float64)
+    sig = _sparse(t, 7, 1.5)
+    kw = dict(divergence="jsd", temperature=1.5, beta=0.3, skew=0.2, tail="renormalize")
+    opts = KDOptions(**kw)
+    assert token_kd_loss(s, sig, mask, opts=opts).item() == token_kd_loss(s, sig, mask, **kw).item()
+    assert token_kd_loss_from_hidden(h, w, sig, mask, opts=opts).item() == \
+        token_kd_loss_from_hidden(h, w, sig, mask, **kw).item()
+    dense = Signal(DENSE_ID, logits=t)  # unset keywords are KDOptions' defaults
+    assert token_kd_loss(s, dense, mask).item() == token_kd_loss(s, dense, mask, opts=KDOptions()).item()
+    with pytest.raises(ValueError, match="opts: given together with temperature"):
+        token_kd_loss(s, sig, mask, opts=opts, temperature=1.5)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

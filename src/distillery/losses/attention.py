@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from distillery.losses.divergences import kl
+from distillery.losses.divergences import kl, math_dtype
 
 HEAD_MODES = ("average", "grouped")
 
@@ -63,7 +63,7 @@ def attention_map_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor, m
         raise ValueError(f"attention.head_mode: unknown {head_mode!r}; expected one of {', '.join(HEAD_MODES)}")
     if student_attn.shape[-2:] != teacher_attn.shape[-2:] or student_attn.shape[0] != teacher_attn.shape[0]:
         raise ValueError(f"attention maps: student {tuple(student_attn.shape)} vs teacher {tuple(teacher_attn.shape)}")
-    cd = torch.float64 if student_attn.dtype == torch.float64 else torch.float32
+    cd = math_dtype(student_attn)
     hs, ht = student_attn.shape[1], teacher_attn.shape[1]
     s, t = student_attn.to(cd), teacher_attn.detach().to(cd).to(student_attn.device)
     if hs != ht or head_mode == "average":

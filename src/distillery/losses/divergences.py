@@ -157,7 +157,8 @@ class KDOptions:
             raise ValueError(f"skew: must be in [0, 1], got {self.skew}")
 
 
-def _math_dtype(t: torch.Tensor) -> torch.dtype:
+def math_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype every loss computes in: float64 for float64 inputs, else float32 (bf16/fp16 too)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -190,7 +191,7 @@ def _sparse_teacher_logprobs(s: torch.Tensor, ids: torch.Tensor, logp_k: torch.T
 
 def per_token_divergence(student_logits: torch.Tensor, teacher: Signal, opts: KDOptions) -> torch.Tensor:
     """Divergence per row of ``student_logits [n, V]`` against ``teacher`` (rows aligned), in fp32/fp64."""
-    cd = _math_dtype(student_logits)
+    cd = math_dtype(student_logits)
     s = student_logits.to(cd)
     if opts.temperature != 1.0:
         s = s / opts.temperature
@@ -280,7 +281,7 @@ def _dense_forward_kl(s: torch.Tensor, t: torch.Tensor, want_grad: bool):
 
 def _chunk_loss_and_grad(logits: torch.Tensor, teacher: Signal, opts: KDOptions, want_grad: bool):
     """(summed divergence of a chunk, its gradient w.r.t. ``logits`` or None)."""
-    cd = _math_dtype(logits)
+    cd = math_dtype(logits)
     if teacher.is_dense and opts.divergence == "forward_kl":
         T = opts.temperature
         s, t = logits.to(cd), teacher.logits.to(logits.device, cd)
@@ -320,7 +321,7 @@ class _ChunkedKD(torch.autograd.Function):
         for i in (1, 2):
             if grads[i] is not None and grads[i].dtype in (torch.bfloat16, torch.float16):
                 grads[i] = grads[i].float()
-        total = torch.zeros((), dtype=_math_dtype(x), device=x.device)
+        total = torch.zeros((), dtype=math_dtype(x), device=x.device)
         for r in rows.split(chunk_size):
             idx = torch.unravel_index(r, x.shape[:-1])
             with torch.enable_grad():
@@ -371,25 +372,39 @@ def _run(x, weight, bias, signal, mask, opts: KDOptions, scale_t2, num_tokens, c
     return _ChunkedKD.apply(x, weight, bias, rows, signal, opts, chunk_size, scale)
 
 
+def _options(opts: KDOptions | None, **keywords) -> KDOptions:
+    """``opts``, or KDOptions from the keywords given (KDOptions' defaults for the others); not both."""
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if opts is None:
+        return KDOptions(**given)
+    if given:
+        raise ValueError(f"opts: given together with {', '.join(given)}; pass the KD settings one way")
+    return opts
+
+
 def token_kd_loss(student_logits: torch.Tensor, signal: Signal, mask: torch.Tensor, *,
-                  divergence: str = "forward_kl", temperature: float = 1.0, scale_t2: bool = True,
-                  beta: float = 0.5, skew: float = 0.1, tail: str = "bucket",
-                  num_tokens: int | float | torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+                  opts: KDOptions | None = None, divergence: str | None = None, temperature: float | None = None,
+                  scale_t2: bool = True, beta: float | None = None, skew: float | None = None,
+                  tail: str | None = None, num_tokens: int | float | torch.Tensor | None = None,
+                  chunk_size: int = 1024) -> torch.Tensor:
     """Sum of per-token divergences over unmasked tokens / ``num_tokens``, times T^2 (if ``scale_t2``).
 
     ``student_logits [..., V]``, ``signal`` aligned to it (dense ``[..., V]`` or top-k ``[..., k]``),
     ``mask [...]`` True where a token counts. ``num_tokens``: the denominator (default: the number of
     unmasked tokens here); pass the global count so that gradient accumulation and data parallelism
     give the same loss as one big batch. Returns a float32 scalar (float64 for float64 inputs).
+    ``opts`` (built once by a caller that computes many losses) stands for ``divergence``,
+    ``temperature``, ``beta``, ``skew`` and ``tail``; unset keywords take KDOptions' defaults.
     """
-    opts = KDOptions(divergence, temperature, beta, skew, tail)
+    opts = _options(opts, divergence=divergence, temperature=temperature, beta=beta, skew=skew, tail=tail)
     return _run(student_logits, None, None, signal, mask, opts, scale_t2, num_tokens, chunk_size)
 
 
 def token_kd_loss_from_hidden(student_hidden: torch.Tensor, lm_head_weight: torch.Tensor, signal: Signal,
                               mask: torch.Tensor, *, lm_head_bias: torch.Tensor | None = None,
-                              divergence: str = "forward_kl", temperature: float = 1.0, scale_t2: bool = True,
-                              beta: float = 0.5, skew: float = 0.1, tail: str = "bucket",
+                              opts: KDOptions | None = None, divergence: str | None = None,
+                              temperature: float | None = None, scale_t2: bool = True, beta: float | None = None,
+                              skew: float | None = None, tail: str | None = None,
                               num_tokens: int | float | torch.Tensor | None = None,
                               chunk_size: int = 1024) -> torch.Tensor:
     """:func:`token_kd_loss` fused with the student's lm_head: ``logits = hidden @ weight.T (+ bias)``
@@ -398,13 +413,6 @@ def token_kd_loss_from_hidden(student_hidden: torch.Tensor, lm_head_weight: torc
     if lm_head_weight.shape[-1] != student_hidden.shape[-1]:
         raise ValueError(f"lm_head_weight: shape {tuple(lm_head_weight.shape)} does not match hidden size "
                          f"{student_hidden.shape[-1]}")
-    opts = KDOptions(divergence, temperature, beta, skew, tail)
+    opts = _options(opts, divergence=divergence, temperature=temperature, beta=beta, skew=skew, tail=tail)
     return _run(student_hidden, lm_head_weight, lm_head_bias, signal, mask, opts, scale_t2, num_tokens, chunk_size)
 
-
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(p_T || p_S) per token, summed over the vocabulary, in float32 (float64 for float64 inputs)."""
-    cd = _math_dtype(student_logits)
-    s = F.log_softmax(student_logits.to(cd) / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.to(cd) / temperature, dim=-1)
-    return kl(t, s).clamp_min(0.0)

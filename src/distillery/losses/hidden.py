@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillery.losses.divergences import math_dtype
+
 HIDDEN_KINDS = ("mse", "cosine", "infonce")
 
 
@@ -87,7 +89,7 @@ def infonce(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0
 
     ``student, teacher [n, d]``; cosine similarities / ``temperature``, cross-entropy on the diagonal.
     """
-    cd = torch.float64 if student.dtype == torch.float64 else torch.float32
+    cd = math_dtype(student)
     s = F.normalize(student.to(cd), dim=-1)
     t = F.normalize(teacher.to(cd), dim=-1)
     logits = s @ t.T / temperature
@@ -106,7 +108,7 @@ def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.
     if student.shape != teacher.shape:
         raise ValueError(f"hidden states: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}; "
                          "use ProjectionHeads when widths differ")
-    cd = torch.float64 if student.dtype == torch.float64 else torch.float32
+    cd = math_dtype(student)
     s, t = _masked_rows(student, mask).to(cd), _masked_rows(teacher, mask).to(cd)
     if kind == "infonce":
         return infonce(s, t, temperature) if len(s) else s.sum()
