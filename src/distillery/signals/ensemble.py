@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from distillery.signals.base import Signal, TeacherIdentity, TeacherSignal
+from distillery.signals.base import Signal, TeacherIdentity, TeacherSignal, tail_mass
 
 
 def _take(value, rows: torch.Tensor, batch_size: int):
@@ -120,9 +120,8 @@ class EnsembleTeacher:
 
     def _relabel(self, sig: Signal) -> Signal:
         if sig.is_dense:
-            return Signal(self.identity, logits=sig.logits, extras=sig.extras)
-        return Signal(self.identity, topk_ids=sig.topk_ids, topk_logprobs=sig.topk_logprobs,
-                      tail_mass=sig.tail_mass, extras=sig.extras)
+            return Signal(self.identity, logits=sig.logits)
+        return Signal(self.identity, topk_ids=sig.topk_ids, topk_logprobs=sig.topk_logprobs, tail_mass=sig.tail_mass)
 
     @staticmethod
     def _full(rows: torch.Tensor, part: torch.Tensor, bsz: int, fill) -> torch.Tensor:
@@ -159,7 +158,7 @@ class EnsembleTeacher:
         top, pos = mixed.topk(k, dim=-1)
         top = top.clamp_min(0.0)
         return Signal(self.identity, topk_ids=cand.gather(-1, pos), topk_logprobs=top.log(),
-                      tail_mass=(1.0 - top.sum(-1)).clamp_min(0.0))
+                      tail_mass=tail_mass(top))
 
     @staticmethod
     def _duplicates(ids: list, valid: list) -> torch.Tensor:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from distillery.signals.base import Signal, TeacherIdentity
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from distillery.models.load import DTYPES
+from distillery.signals.base import Signal, TeacherIdentity, tail_mass
 
 
 def place_teacher(model: torch.nn.Module, device: torch.device | str | None = None,
@@ -26,9 +25,9 @@ def place_teacher(model: torch.nn.Module, device: torch.device | str | None = No
 
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"teacher dtype {dtype!r}: use one of {', '.join([*_DTYPES, 'int8'])}")
-        dtype = _DTYPES[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"teacher dtype {dtype!r}: use one of {', '.join([*DTYPES, 'int8'])}")
+        dtype = DTYPES[dtype]
     return model.to(dtype)
 
 
@@ -69,6 +68,5 @@ class OnlineTeacher:
             return Signal(self.identity, logits=logits.to(out_dev))
         logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
         vals, ids = logp.topk(self.top_k, dim=-1)
-        tail = (1.0 - vals.exp().sum(-1)).clamp_min(0.0)
         return Signal(self.identity, topk_ids=ids.to(out_dev), topk_logprobs=vals.to(out_dev),
-                      tail_mass=tail.to(out_dev))
+                      tail_mass=tail_mass(vals.exp()).to(out_dev))

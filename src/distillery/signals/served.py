@@ -16,7 +16,7 @@ import math
 import torch
 
 from distillery.io import ServerError, post_json
-from distillery.signals.base import Signal, TeacherIdentity
+from distillery.signals.base import Signal, TeacherIdentity, tail_mass
 
 
 class ServedTeacherError(ServerError):
@@ -90,4 +90,4 @@ class ServedTeacher:
             lps[b, where] = torch.tensor([[lp for _, lp in r] for r in rows], dtype=torch.float32)
         dev = input_ids.device
         return Signal(self.identity, topk_ids=ids.to(dev), topk_logprobs=lps.to(dev),
-                      tail_mass=(1.0 - lps.exp().sum(-1)).clamp_min(0.0).to(dev))
+                      tail_mass=tail_mass(lps.exp()).to(dev))

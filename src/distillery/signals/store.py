@@ -22,7 +22,6 @@ others are coded in 255 steps down to the k-th. At k=64 and vocabulary 49152 tha
 from __future__ import annotations
 
 import bisect
-import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from distillery.io import atomic_write_json, read_json, sha256_file
+from distillery.io import read_json, sha256_file
 from distillery.signals.base import Signal, TeacherIdentity
 
 FORMAT_VERSION = 1
@@ -45,15 +44,6 @@ CODE_LEVELS = 255
 
 class StoreError(ValueError):
     """A logit store that cannot be used; the message names the file or field."""
-
-
-def id_dtype(vocab_size: int) -> np.dtype:
-    """The smallest integer dtype that holds every token id."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.bin"
 
 
 # ---------------------------------------------------------------- quantisation
@@ -74,37 +64,7 @@ def dequantize_logprobs(codes: torch.Tensor, top: torch.Tensor, scale: torch.Ten
     return top.unsqueeze(-1) - scale.unsqueeze(-1) * codes.float()
 
 
-def quantization_error(exact: torch.Tensor, stored: torch.Tensor) -> dict[str, float]:
-    """Sums (not means) so shards can be added up: |d log p|, |d p|, and KL(exact top-k || stored)."""
-    p = exact.float().exp()
-    kl = (p * (exact.float() - stored)).sum(-1)  # both are sub-distributions over the same k ids
-    return {
-        "rows": float(exact[..., 0].numel()),
-        "sum_abs_logprob": float((exact.float() - stored).abs().mean(-1).sum()),
-        "max_abs_logprob": float((exact.float() - stored).abs().max()) if exact.numel() else 0.0,
-        "sum_abs_prob": float((p - stored.exp()).abs().sum(-1).sum()),
-        "sum_kl": float(kl.sum()),
-    }
-
-
 # ---------------------------------------------------------------- shards
-
-
-def encode_shard(input_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                 tail_mass: torch.Tensor, vocab_dtype: np.dtype) -> tuple[bytes, dict[str, float]]:
-    """Bytes of one shard and the quantisation error it introduced."""
-    n, t, k = topk_ids.shape
-    codes, top, scale = quantize_logprobs(topk_logprobs)
-    err = quantization_error(topk_logprobs, dequantize_logprobs(codes, top, scale))
-    row = torch.stack([top, scale, tail_mass.float()], dim=-1)
-    parts = [
-        HEADER.pack(MAGIC, FORMAT_VERSION, n, t, k, vocab_dtype.itemsize, 0).ljust(HEADER_SIZE, b"\0"),
-        input_ids.cpu().numpy().astype(vocab_dtype).tobytes(),
-        topk_ids.cpu().numpy().astype(vocab_dtype).tobytes(),
-        codes.cpu().numpy().tobytes(),
-        row.cpu().numpy().astype(np.float32).tobytes(),
-    ]
-    return b"".join(parts), err
 
 
 def shard_layout(n: int, t: int, k: int, vocab_dtype: np.dtype) -> dict[str, tuple[int, np.dtype, tuple]]:
@@ -336,25 +296,3 @@ def inspect(path: str | os.PathLike) -> str:
         lines.append(f"quantisation     mean |d log p| {q['mean_abs_logprob']:.2e}, max {q['max_abs_logprob']:.2e}, "
                      f"KL(exact||stored) {q['mean_kl']:.2e} nats/token")
     return "\n".join(lines)
-
-
-def blocks_sha256(blocks: torch.Tensor) -> str:
-    return hashlib.sha256(blocks.cpu().contiguous().numpy().astype(np.int64).tobytes()).hexdigest()
-
-
-def summarize_error(sums: dict[str, float]) -> dict[str, float]:
-    rows = max(sums.get("rows", 0.0), 1.0)
-    return {"mean_abs_logprob": sums.get("sum_abs_logprob", 0.0) / rows,
-            "max_abs_logprob": sums.get("max_abs_logprob", 0.0),
-            "mean_abs_prob": sums.get("sum_abs_prob", 0.0) / rows,
-            "mean_kl": sums.get("sum_kl", 0.0) / rows}
-
-
-def merge_error(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    out = {key: a.get(key, 0.0) + b[key] for key in b if key != "max_abs_logprob"}
-    out["max_abs_logprob"] = max(a.get("max_abs_logprob", 0.0), b["max_abs_logprob"])
-    return out
-
-
-def write_manifest(path: Path, manifest: dict) -> None:
-    atomic_write_json(path / MANIFEST, manifest)
