@@ -11,7 +11,8 @@ from scipy import stats as sps
 from distillery.evaluate.calibration import (calibration_errors, model_token_confidence, next_token_calibration,
                                              reliability, token_confidence)
 from distillery.evaluate.stats import bootstrap_ci, mcnemar, paired_bootstrap
-from distillery.evaluate.text import bleu, chrf, exact_match, normalize_answer, rouge_l, token_f1
+from distillery.evaluate.text import (bleu, chrf, exact_match, normalize_answer, normalize_spaces, rouge_l,
+                                      token_f1)
 from tests.helpers import tiny_llama
 
 # ---------------------------------------------------------------- calibration
@@ -195,3 +196,7 @@ def test_exact_match_and_token_f1_hand_values():
     assert token_f1("dog", "cat") == 0.0
     assert token_f1("the", "a") == 1.0 and token_f1("", "cat") == 0.0  # both empty after normalising
     assert math.isclose(token_f1("42", "42"), 1.0)
+    # a formatting answer keeps case: only spaces and a final full stop are forgiven
+    assert exact_match(" APPLE  RIVER. ", "APPLE RIVER", normalize_spaces) == 1.0
+    assert exact_match("apple river", "APPLE RIVER", normalize_spaces) == 0.0
+    assert token_f1("APPLE river", "APPLE RIVER", normalize_spaces) == pytest.approx(0.5)

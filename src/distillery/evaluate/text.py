@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from functools import lru_cache
 
 
@@ -59,13 +60,18 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(reference))
+def normalize_spaces(text: str) -> str:
+    """Only trim the ends (spaces and final punctuation) and collapse spaces: case and words count."""
+    return " ".join(text.strip().rstrip(".!").split())
 
 
-def token_f1(prediction: str, reference: str) -> float:
+def exact_match(prediction: str, reference: str, normalize: Callable[[str], str] = normalize_answer) -> float:
+    return float(normalize(prediction) == normalize(reference))
+
+
+def token_f1(prediction: str, reference: str, normalize: Callable[[str], str] = normalize_answer) -> float:
     """Harmonic mean of precision and recall of the normalised tokens, counted as a multiset."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
     if not pred or not ref:  # SQuAD: two empty answers agree, one empty answer scores 0
         return float(pred == ref)
     common = sum((Counter(pred) & Counter(ref)).values())
