@@ -15,7 +15,7 @@ import time
 
 from _common import print_table, spread, write_results
 
-from distillery.data.generate import TransformersBackend
+from distillery.data.backends import TransformersBackend
 from distillery.data.prompts import check_answer, make_tasks, render
 from distillery.models.load import load_model
 from distillery.recipe import DecodingConfig

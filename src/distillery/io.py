@@ -1,5 +1,4 @@
-"""Atomic, verifiable file writes (every artifact is written to a temporary name and renamed), and
-JSON over HTTP to the servers a run talks to (a served teacher, a student's sampling server)."""
+"""Atomic, verifiable file writes: every artifact is written to a temporary name and renamed."""
 
 from __future__ import annotations
 
@@ -107,31 +106,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_jsonable).encode()).hexdigest()
-
-
-class ServerError(RuntimeError):
-    """A server could not be reached or answered something unusable; the message names the URL."""
-
-
-def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: float = 120.0,
-              error: type[ServerError] = ServerError, hint: str = "") -> Any:
-    """POST ``body`` as JSON and return the decoded answer; every failure is one ``error`` naming the URL."""
-    import urllib.error
-    import urllib.request
-
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as e:
-        detail = e.read()[:300].decode("utf-8", "replace")
-        raise error(f"{url}: HTTP {e.code}: {detail}{hint}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        raise error(f"{url}: cannot reach the server ({getattr(e, 'reason', e)})") from None
-    try:
-        return json.loads(raw) if raw.strip() else None
-    except json.JSONDecodeError as e:
-        raise error(f"{url}: the answer is not JSON ({e})") from None

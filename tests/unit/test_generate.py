@@ -16,9 +16,9 @@ import pytest
 import torch
 import transformers
 
-from distillery.data.generate import (BackendUnavailable, GenerationCache, OpenAIBackend, TransformersBackend,
-                                      VLLMBackend, assign_strategies, compare_teachers, run_generate,
+from distillery.data.backends import (BackendUnavailable, OpenAIBackend, TransformersBackend, VLLMBackend,
                                       step_scores, teacher_fingerprint)
+from distillery.data.generate import GenerationCache, assign_strategies, compare_teachers, run_generate
 from distillery.data.prompts import Prompt
 from distillery.data.sources import read_jsonl
 from distillery.models.load import load_tokenizer
@@ -135,7 +135,8 @@ KILL_SCRIPT = """
 import sys, torch, transformers
 sys.path.insert(0, {tests!r})
 from test_generate import tiny_model, recipe, TOK
-from distillery.data.generate import TransformersBackend, run_generate
+from distillery.data.backends import TransformersBackend
+from distillery.data.generate import run_generate
 r = recipe(prompts={{"kind": "tasks", "limit": 16}}, backend={{"batch_size": 2}},
            decoding=[{{"name": "g", "max_new_tokens": 6}},
                      {{"name": "s", "do_sample": True, "n": 2, "max_new_tokens": 6, "share": 0.5}}],

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from distillery.io import ServerError
+from distillery.http import ServerError
 from distillery.recipe import OnPolicyConfig
 from distillery.train.onpolicy import (OnPolicyBatches, ServerSampler, TransformersSampler, VLLMSampler,
                                        write_model_files)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from distillery.io import ServerError, post_json
+from distillery.http import ServerError, post_json
 from distillery.signals.base import Signal, TeacherIdentity, tail_mass
 
 

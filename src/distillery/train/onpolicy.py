@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from distillery.io import ServerError, post_json, save_model_folder
+from distillery.http import ServerError, post_json
+from distillery.io import save_model_folder
 from distillery.signals.served import parse_token_id
 from distillery.train.distributed import full_state_dict, is_sharded
 
