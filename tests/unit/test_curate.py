@@ -45,6 +45,8 @@ def test_quantile_bounds_match_numpy():
     lo, hi = score_bounds(records, ScoreFilterConfig(score="mean_logprob", quantile_min=0.3, quantile_max=0.9))
     vals = [-3.0, -1.0, -2.0, -5.0, -4.0]
     assert lo == pytest.approx(np.quantile(vals, 0.3)) and hi == pytest.approx(np.quantile(vals, 0.9))
+    # by hand, sorted -5 -4 -3 -2 -1: rank 0.3 * 4 = 1.2 -> -4 + 0.2, rank 0.9 * 4 = 3.6 -> -2 + 0.6
+    assert lo == pytest.approx(-3.8) and hi == pytest.approx(-1.4)
 
 
 def test_curate_counts_every_filter_and_dedups():

@@ -14,6 +14,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from distillery.data.prompts import normalise
 from distillery.data.sources import jsonl_rows
 
@@ -93,22 +95,16 @@ def repetition(text: str, n: int = 3) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def _quantile(values: list[float], q: float) -> float:
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
-
-
 def score_bounds(records: list[dict], f) -> tuple[float, float]:
-    """The [low, high] a ScoreFilterConfig allows, quantiles taken over all records with the score."""
+    """The [low, high] a ScoreFilterConfig allows, quantiles taken over all records with the score
+    (numpy's default: linear interpolation between the closest ranks)."""
     values = [r["scores"][f.score] for r in records if _finite(r["scores"].get(f.score))]
     low = f.min if f.min is not None else -math.inf
     high = f.max if f.max is not None else math.inf
     if values and f.quantile_min is not None:
-        low = max(low, _quantile(values, f.quantile_min))
+        low = max(low, float(np.quantile(values, f.quantile_min)))
     if values and f.quantile_max is not None:
-        high = min(high, _quantile(values, f.quantile_max))
+        high = min(high, float(np.quantile(values, f.quantile_max)))
     return low, high
 
 
