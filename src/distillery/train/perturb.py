@@ -4,8 +4,9 @@ compressed, so it learns to survive them.
 - Noise: Gaussian noise on the student's logits (applied in the Distiller) and, relative to each
   decoder layer's output scale, on its hidden states (forward hooks, training only).
 - QAT: torchao's fake quantization of the student's linear layers during distillation
-  (``QATConfig(base, step="prepare")``), removed again before export so the student is saved as a
-  plain float model whose weights now sit well on the quantization grid.
+  (``QATConfig(..., step="prepare")``), removed again before export by torchao's
+  ``QATConfig(step="convert")`` so the student is saved as a plain float model whose weights now sit
+  well on the quantization grid.
 """
 
 from __future__ import annotations
@@ -64,18 +65,12 @@ def prepare_qat(student: torch.nn.Module, qat) -> torch.nn.Module:
 
 
 def strip_qat(student: torch.nn.Module) -> torch.nn.Module:
-    """Replace fake-quantized linears by plain ``nn.Linear`` with the trained weights (for export)."""
-    from torchao.quantization.qat import FakeQuantizedLinear
+    """Replace fake-quantized linears by plain ``nn.Linear`` holding the trained weights (for export):
+    torchao's own convert step without a PTQ config, which only swaps the modules back."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
 
-    for name, module in list(student.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, FakeQuantizedLinear):
-                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                        device=child.weight.device, dtype=child.weight.dtype)
-                plain.weight = child.weight
-                if child.bias is not None:
-                    plain.bias = child.bias
-                setattr(module, child_name, plain)
+    quantize_(student, QATConfig(step="convert"))
     return student
 
 
