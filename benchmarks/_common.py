@@ -6,14 +6,11 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from distillery.io import atomic_write_json  # noqa: E402
+from distillery.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

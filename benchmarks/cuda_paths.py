@@ -11,23 +11,21 @@ weights, so the script needs no download; the student keeps 15 of the teacher's 
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gpu_args, print_table, write_results  # noqa: E402
+from _common import gpu_args, print_table, write_results
 
-from distillery.losses.divergences import token_kd_loss  # noqa: E402
-from distillery.models.student import cut_layers, evenly_spaced  # noqa: E402
-from distillery.recipe import DistillConfig  # noqa: E402
-from distillery.signals.base import Signal, TeacherIdentity  # noqa: E402
-from distillery.signals.online import OnlineTeacher  # noqa: E402
-from distillery.train.loop import train  # noqa: E402
-from distillery.train.onpolicy import OnPolicyBatches  # noqa: E402
+from distillery.losses.divergences import token_kd_loss
+from distillery.models.student import cut_layers, evenly_spaced
+from distillery.recipe import DistillConfig
+from distillery.signals.base import Signal, TeacherIdentity
+from distillery.signals.online import OnlineTeacher
+from distillery.train.loop import train
+from distillery.train.onpolicy import OnPolicyBatches
 
 
 def smollm2_like(seed: int = 0):

@@ -10,23 +10,21 @@ the store, and the live teacher's dense distribution (what top-k itself costs).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import print_table, write_results
 
-from distillery.data.sources import read_austen, to_blocks  # noqa: E402
-from distillery.evaluate.quality import evaluate_models  # noqa: E402
-from distillery.models.load import load_model  # noqa: E402
-from distillery.models.student import choose_layers, cut_layers  # noqa: E402
-from distillery.recipe import CutConfig, DistillConfig, LossesConfig  # noqa: E402
-from distillery.signals.capture import capture  # noqa: E402
-from distillery.signals.online import OnlineTeacher  # noqa: E402
-from distillery.signals.store import StoredTeacher  # noqa: E402
-from distillery.train.loop import train  # noqa: E402
+from distillery.data.sources import read_austen, to_blocks
+from distillery.evaluate.quality import evaluate_models
+from distillery.models.load import load_model
+from distillery.models.student import choose_layers, cut_layers
+from distillery.recipe import CutConfig, DistillConfig, LossesConfig
+from distillery.signals.capture import capture
+from distillery.signals.online import OnlineTeacher
+from distillery.signals.store import StoredTeacher
+from distillery.train.loop import train
 
 
 def main() -> None:

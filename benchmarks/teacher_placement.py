@@ -14,22 +14,20 @@ a student cut from it by block influence must equal the cut from the resident te
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gpu_args, print_table, write_results  # noqa: E402
-from cuda_paths import smollm2_like  # noqa: E402
+from _common import gpu_args, print_table, write_results
+from cuda_paths import smollm2_like
 
-from distillery.models.offload import offload_layers  # noqa: E402
-from distillery.models.student import cut_layers, evenly_spaced  # noqa: E402
-from distillery.recipe import DistillConfig  # noqa: E402
-from distillery.signals.online import OnlineTeacher  # noqa: E402
-from distillery.train.loop import train  # noqa: E402
+from distillery.models.offload import offload_layers
+from distillery.models.student import cut_layers, evenly_spaced
+from distillery.recipe import DistillConfig
+from distillery.signals.online import OnlineTeacher
+from distillery.train.loop import train
 
 
 DEVICE = "cuda"
