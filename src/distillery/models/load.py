@@ -79,7 +79,7 @@ def builtin_gguf(name: str) -> Path:
     return path
 
 
-def materialise_builtin(name: str, cache: str | os.PathLike | None = None, progress: bool = True) -> Path:
+def materialise_builtin(name: str, cache: str | os.PathLike | None = None) -> Path:
     """The builtin model as a safetensors folder in the cache, converting from GGUF on first use."""
     gguf = builtin_gguf(name)
     target = cache_dir(cache) / "models" / name
