@@ -8,7 +8,6 @@ reads from, so changing the data re-runs everything downstream and nothing upstr
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import time
@@ -18,29 +17,32 @@ from typing import Callable
 
 import torch
 
-from distillery.io import atomic_write_json, atomic_write_text, read_json, sha256_json
+from distillery.evaluate.quality import Examples
+from distillery.io import atomic_path, atomic_write_json, atomic_write_text, read_json, save_model_folder, sha256_json
 from distillery.recipe import Recipe, dump_recipe
 
 
 @dataclass
 class Context:
+    """What the stages of one invocation share: the recipe, the run folder, the process's rank, and the
+    teacher and data blocks, loaded once on first use."""
+
     recipe: Recipe
     run: Path
     progress: bool = True
     log: Callable[[str], None] = print
-    _teacher: object = None
-    _blocks: tuple | None = None
-    input_hash: str = ""
     force: bool = False
+    input_hash: str = ""
+    rank: int = 0
+    world_size: int = 1
+    _teacher: object = None
+    _blocks: tuple[Examples, Examples] | None = None
 
-    # Lazily loaded and shared by the stages of one invocation.
     def teacher(self):
         if self._teacher is None:
-            from distillery.models.load import load_model
+            from distillery.models.teacher import load_teacher
 
-            t = self.recipe.teacher
-            self._teacher = load_model(t.model, device=t.device, dtype=t.dtype, cache=self.recipe.cache_dir,
-                                       gguf_file=t.gguf_file, offload=t.offload)
+            self._teacher = load_teacher(self.recipe.teacher, self.recipe.cache_dir)
         return self._teacher
 
     def student_device(self) -> torch.device:
@@ -51,14 +53,15 @@ class Context:
         want = self.recipe.student.device
         return next(self.teacher().model.parameters()).device if want == "auto" else pick_device(want)
 
-    def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def blocks(self) -> tuple[Examples, Examples]:
+        """(train, held-out) examples: dicts of ``[N, T]`` tensors with ``input_ids`` and, for
+        prompt/response pairs, ``attention_mask`` and ``labels``."""
         if self._blocks is None:
             from safetensors.torch import load_file
 
             data = load_file(self.run / "data" / "blocks.safetensors")
-            split = [{k.split(".", 1)[1]: v for k, v in data.items() if k.startswith(f"{name}.")}
-                     for name in ("train", "heldout")]
-            self._blocks = tuple(d if len(d) > 1 else d["input_ids"] for d in split)
+            self._blocks = tuple({k.split(".", 1)[1]: v for k, v in data.items() if k.startswith(f"{name}.")}
+                                 for name in ("train", "heldout"))
         return self._blocks
 
 
@@ -98,12 +101,9 @@ def stage_data(ctx: Context) -> list[str]:
         from distillery.evaluate.quality import head
 
         train = head(train, r.data.max_train_blocks)
-    out = ctx.run / "data" / "blocks.safetensors"
-    tmp = out.with_name(".blocks.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"{split}.{k}": v.contiguous() for split, d in (("train", train), ("heldout", held))
-               for k, v in d.items()}, str(tmp))
-    tmp.replace(out)
+    with atomic_path(ctx.run / "data" / "blocks.safetensors") as tmp:
+        save_file({f"{split}.{k}": v.contiguous() for split, d in (("train", train), ("heldout", held))
+                   for k, v in d.items()}, str(tmp))
     ctx._blocks = None
     ctx.log(f"data: {what} -> {len(train['input_ids'])} training and {len(held['input_ids'])} held-out "
             f"examples of {r.data.block_size} tokens")
@@ -126,8 +126,7 @@ def stage_student_init(ctx: Context) -> list[str]:
     s = r.student
     if s.from_teacher is not None:
         total = len(decoder_layers(teacher.model))
-        train = ctx.blocks()[0]
-        calib = (train["input_ids"] if isinstance(train, dict) else train)[: s.from_teacher.calibration_blocks]
+        calib = ctx.blocks()[0]["input_ids"][: s.from_teacher.calibration_blocks]
         keep = choose_layers(s.from_teacher, total, teacher.model, calib)
         student = cut_layers(teacher.model, keep)
         ctx.log(f"student: kept teacher layers {keep} ({len(keep)} of {total}, select={s.from_teacher.select})")
@@ -140,7 +139,7 @@ def stage_student_init(ctx: Context) -> list[str]:
         student = fresh_student(teacher.model.config, s.config).to(ctx.student_device())
         meta = {"config": s.config}
     student = student.float()
-    _save_hf(student, teacher.tokenizer, ctx.run / "student_init")
+    save_model_folder(student, ctx.run / "student_init", teacher.tokenizer)
     atomic_write_json(ctx.run / "student_init" / "distillery.json", meta)
     return ["student_init"]
 
@@ -161,9 +160,8 @@ def stage_capture(ctx: Context) -> list[str]:
     from distillery.signals.online import OnlineTeacher
 
     r, teacher = ctx.recipe, ctx.teacher()
-    signal = OnlineTeacher(teacher.model, model_id=r.teacher.model, tokenizer_fingerprint=teacher.fingerprint)
-    train = ctx.blocks()[0]
-    store = capture(signal, train if torch.is_tensor(train) else train["input_ids"], ctx.run / "logits",
+    signal = OnlineTeacher(teacher.model, model_id=teacher.source, tokenizer_fingerprint=teacher.fingerprint)
+    store = capture(signal, ctx.blocks()[0]["input_ids"], ctx.run / "logits",
                     k=r.capture.k, temperature=r.capture.temperature, shard_tokens=r.capture.shard_tokens,
                     batch_size=r.capture.batch_size, progress=ctx.progress)
     store.verify()
@@ -173,8 +171,7 @@ def stage_capture(ctx: Context) -> list[str]:
 
 
 def _teacher_signal(ctx: Context):
-    """The recipe's teacher as a signal: live, from the logit store, or an ensemble."""
-    from distillery.models.load import load_model
+    """The recipe's teacher as a signal: live, from the logit store, from a server, or an ensemble."""
     from distillery.signals.online import OnlineTeacher
 
     r, teacher = ctx.recipe, ctx.teacher()
@@ -186,117 +183,143 @@ def _teacher_signal(ctx: Context):
                                          temperature=r.distill.losses.kd.temperature, what=f"{ctx.run / 'logits'}")
         return signal
     if r.distill.teacher_source == "served":
-        import os
-
         from distillery.signals.served import ServedTeacher
 
         sv = r.distill.served
         return ServedTeacher(sv.base_url, sv.model, tokenizer_fingerprint=teacher.fingerprint, top_k=sv.top_k,
-                             api_key=os.environ.get(sv.api_key_env) if sv.api_key_env else None, timeout=sv.timeout_s)
-    main = OnlineTeacher(teacher.model, model_id=r.teacher.model, tokenizer_fingerprint=teacher.fingerprint)
+                             api_key=sv.api_key(), timeout=sv.timeout_s)
+    main = OnlineTeacher(teacher.model, model_id=teacher.source, tokenizer_fingerprint=teacher.fingerprint)
     if r.ensemble is None:
         return main
+    from distillery.models.teacher import load_teacher
     from distillery.signals.ensemble import EnsembleTeacher
 
     members = [main]
     for m in r.ensemble.members:
-        loaded = load_model(m.model, device=m.device, dtype=m.dtype, cache=r.cache_dir, gguf_file=m.gguf_file,
-                            offload=m.offload)
-        model, model_id = loaded.model, m.model
-        if m.keep_layers is not None:
-            from distillery.models.student import cut_layers
-
-            model, model_id = cut_layers(model, m.keep_layers), f"{m.model}[layers {m.keep_layers}]"
-        members.append(OnlineTeacher(model, model_id=model_id, tokenizer_fingerprint=loaded.fingerprint))
+        loaded = load_teacher(m, r.cache_dir)
+        members.append(OnlineTeacher(loaded.model, model_id=loaded.source, tokenizer_fingerprint=loaded.fingerprint))
     return EnsembleTeacher(members, r.ensemble.weights, route_by=r.ensemble.route_by, routes=r.ensemble.routes)
 
 
 def stage_distill(ctx: Context) -> list[str]:
     """Distil the student; with ``generations > 1`` each generation's student teaches the next
     (born-again), and every generation is scored against the original teacher."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    from distillery.evaluate.quality import evaluate_models, head
-    from distillery.signals.online import OnlineTeacher
-    from distillery.train.loop import train
-    from distillery.train.onpolicy import OnPolicyBatches
-    from distillery.train.perturb import has_qat, strip_qat
-
-    from distillery.train.loop import barrier, full_state_dict, init_distributed, world
-
-    init_distributed()
-    rank, world_size = world()
-    if world_size > 1 and ctx.recipe.distill.generations > 1:
+    r = ctx.recipe
+    if ctx.world_size > 1 and r.distill.generations > 1:
         raise RuntimeError("distill.generations > 1 (born-again) runs in one process, not under torchrun")
-    r, teacher = ctx.recipe, ctx.teacher()
-    # Checkpoints resume only the run that wrote them: other inputs (or --force) start from step 0.
+    _claim_checkpoints(ctx)
+    student = _initial_student(ctx)
+    if r.distill.generations == 1:
+        records = _train_generation(ctx, student, _teacher_signal(ctx), ctx.run, 0)
+    else:
+        student, records = _born_again(ctx, student)
+    _export_student(ctx, student)
+    if records:
+        last = records[-1]
+        ctx.log(f"distill: {len(records)} steps, final loss {last['loss']:.4f}"
+                + (f", held-out KL {last['eval_kl_to_teacher']:.4f}" if "eval_kl_to_teacher" in last else ""))
+    return ["student", "train.jsonl"]
+
+
+def _claim_checkpoints(ctx: Context) -> None:
+    """Checkpoints resume only the run that wrote them: other inputs (or --force) start from step 0."""
+    from distillery.train.distributed import barrier
+
     owner = ctx.run / "checkpoints" / "inputs.json"
-    if rank == 0:
+    if ctx.rank == 0:
         if ctx.force or (owner.is_file() and read_json(owner).get("input_hash") != ctx.input_hash):
             for stale in ("checkpoints", "generations"):
                 shutil.rmtree(ctx.run / stale, ignore_errors=True)
             (ctx.run / "train.jsonl").unlink(missing_ok=True)
         atomic_write_json(owner, {"input_hash": ctx.input_hash})
     barrier()
-    device = ctx.student_device()
-    student = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32).to(device)
-    signal = _teacher_signal(ctx)
-    train_data, held = ctx.blocks()
-    tok = teacher.tokenizer
-    per_generation = []
-    for g in range(r.distill.generations):
-        out_dir = ctx.run if r.distill.generations == 1 else ctx.run / "generations" / f"gen-{g + 1}"
-        if g > 0:  # born-again: the previous generation teaches; the next student starts from the cut again
-            previous = student.eval()
-            signal = OnlineTeacher(previous, model_id=f"born-again gen {g}", tokenizer_fingerprint=teacher.fingerprint)
-            student = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32).to(device)
-        transform = None
-        if r.distill.on_policy is not None:
-            op = r.distill.on_policy
-            sampler = None
-            if op.generator != "transformers":
-                from distillery.train.onpolicy import ServerSampler, VLLMSampler
 
-                sampler = (ServerSampler if op.generator == "server" else VLLMSampler)(
-                    student, op, op.sync_dir or ctx.run / "policy", eos_token_id=tok.eos_token_id, tokenizer=tok,
-                    rank=rank, barrier=barrier)
-            transform = OnPolicyBatches(student, op, seed=r.seed + g, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-                                        sampler=sampler)
-        if r.distill.generations > 1:
-            ctx.log(f"distill: generation {g + 1} of {r.distill.generations}")
-        records = train(student, signal, train_data, r.distill, out_dir=out_dir, seed=r.seed + g,
-                        eval_blocks=held, eval_teacher=teacher.model, progress=ctx.progress, log=ctx.log,
-                        batch_transform=transform)
-        if has_qat(student):
-            strip_qat(student)  # export as a plain float model
-        if r.distill.generations > 1:
-            m = evaluate_models({"s": student}, head(held, r.evaluate.eval_blocks), teacher=teacher.model)["s"]
-            per_generation.append({"generation": g + 1, **m})
-            _save_hf(student, tok, out_dir / "student")
-            student = copy.deepcopy(student)
-    if per_generation:
-        atomic_write_json(ctx.run / "eval" / "generations.json", per_generation)
-        shutil.copyfile(out_dir / "train.jsonl", ctx.run / "train.jsonl")
-        for m in per_generation:
-            ctx.log(f"distill: generation {m['generation']}: perplexity {m['perplexity']:.2f}, "
-                    f"KL to teacher {m['kl_to_teacher']:.4f}")
-    if world_size > 1:
-        state = full_state_dict(student)  # a collective: every rank takes part, rank 0 gets the tensors
-        if rank == 0:
-            plain = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32)
-            plain.load_state_dict(state)
-            _save_hf(plain, tok, ctx.run / "student")
-        barrier()
-        return ["student", "train.jsonl"]
-    _save_hf(student, tok, ctx.run / "student")
-    if records:
-        last = records[-1]
-        ctx.log(f"distill: {len(records)} steps, final loss {last['loss']:.4f}"
-                + (f", held-out KL {last['eval_kl_to_teacher']:.4f}" if "eval_kl_to_teacher" in last else ""))
-    return ["student", "train.jsonl"]
+
+def _initial_student(ctx: Context) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32).to(ctx.student_device())
+
+
+def _train_generation(ctx: Context, student, signal, out_dir: Path, generation: int) -> list[dict]:
+    """One run of the training loop (checkpoints and train.jsonl in ``out_dir``); the student is left a
+    plain float model (fake quantisation stripped)."""
+    from distillery.train.loop import train
+    from distillery.train.perturb import has_qat, strip_qat
+
+    r = ctx.recipe
+    records = train(student, signal, ctx.blocks()[0], r.distill, out_dir=out_dir, seed=r.seed + generation,
+                    eval_blocks=ctx.blocks()[1], eval_teacher=ctx.teacher().model, progress=ctx.progress,
+                    log=ctx.log, batch_transform=_on_policy_batches(ctx, student, generation))
+    if has_qat(student):
+        strip_qat(student)
+    return records
+
+
+def _on_policy_batches(ctx: Context, student, generation: int):
+    """The batch transform that swaps in the student's own samples (GKD), or None."""
+    op = ctx.recipe.distill.on_policy
+    if op is None:
+        return None
+    from distillery.train.distributed import barrier
+    from distillery.train.onpolicy import OnPolicyBatches
+
+    tok = ctx.teacher().tokenizer
+    sampler = None
+    if op.generator != "transformers":
+        from distillery.train.onpolicy import ServerSampler, VLLMSampler
+
+        sampler = (ServerSampler if op.generator == "server" else VLLMSampler)(
+            student, op, op.sync_dir or ctx.run / "policy", eos_token_id=tok.eos_token_id, tokenizer=tok,
+            rank=ctx.rank, barrier=barrier)
+    return OnPolicyBatches(student, op, seed=ctx.recipe.seed + generation, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0, sampler=sampler)
+
+
+def _born_again(ctx: Context, student) -> tuple[torch.nn.Module, list[dict]]:
+    """Generation g+1 starts again from the cut student and learns from generation g; each generation is
+    saved under generations/gen-N and scored against the original teacher (eval/generations.json)."""
+    import copy
+
+    from distillery.evaluate.quality import evaluate_models, head
+    from distillery.signals.online import OnlineTeacher
+
+    r, teacher = ctx.recipe, ctx.teacher()
+    signal, scores = _teacher_signal(ctx), []
+    for g in range(r.distill.generations):
+        out_dir = ctx.run / "generations" / f"gen-{g + 1}"
+        if g > 0:
+            signal = OnlineTeacher(student.eval(), model_id=f"born-again gen {g}",
+                                   tokenizer_fingerprint=teacher.fingerprint)
+            student = _initial_student(ctx)
+        ctx.log(f"distill: generation {g + 1} of {r.distill.generations}")
+        records = _train_generation(ctx, student, signal, out_dir, g)
+        m = evaluate_models({"s": student}, head(ctx.blocks()[1], r.evaluate.eval_blocks), teacher=teacher.model)["s"]
+        scores.append({"generation": g + 1, **m})
+        ctx.log(f"distill: generation {g + 1}: perplexity {m['perplexity']:.2f}, KL to teacher "
+                f"{m['kl_to_teacher']:.4f}")
+        save_model_folder(student, out_dir / "student", teacher.tokenizer)
+        student = copy.deepcopy(student)
+    atomic_write_json(ctx.run / "eval" / "generations.json", scores)
+    shutil.copyfile(out_dir / "train.jsonl", ctx.run / "train.jsonl")
+    return student, records
+
+
+def _export_student(ctx: Context, student) -> None:
+    """student/ as a plain Hugging Face folder; an FSDP2-sharded student is gathered first (a collective:
+    every rank takes part, rank 0 writes)."""
+    from transformers import AutoModelForCausalLM
+
+    from distillery.train.distributed import barrier, full_state_dict, is_sharded
+
+    if is_sharded(student):
+        state = full_state_dict(student)
+        if ctx.rank == 0:
+            student = AutoModelForCausalLM.from_pretrained(ctx.run / "student_init", dtype=torch.float32)
+            student.load_state_dict(state)
+    if ctx.rank == 0:
+        save_model_folder(student, ctx.run / "student", ctx.teacher().tokenizer)
+    barrier()
 
 
 def stage_evaluate(ctx: Context) -> list[str]:
@@ -343,30 +366,29 @@ def stage_report(ctx: Context) -> list[str]:
     return ["report.html"]
 
 
-def _save_hf(model, tokenizer, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then rename: a killed save never leaves half a model."""
-    import tempfile
+@dataclass(frozen=True)
+class Stage:
+    """One row of the pipeline: ``run`` does the work and returns its outputs (paths under the run folder);
+    its input hash covers the recipe ``sections`` it reads and the hashes of the ``upstream`` stages it
+    reads from; ``enabled`` says whether a recipe has it at all."""
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
+    name: str
+    run: Callable[[Context], list[str]]
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+    enabled: Callable[[Recipe], bool] = lambda r: True
 
 
-# name -> (function, recipe sections it reads, stages it reads from, whether the recipe has it)
-STAGES: dict[str, tuple[Callable[[Context], list[str]], tuple[str, ...], tuple[str, ...], Callable[[Recipe], bool]]] = {
-    "generate": (stage_generate, ("teacher", "generate", "seed"), (), lambda r: r.generate is not None),
-    "data": (stage_data, ("teacher", "data", "seed"), ("generate",), lambda r: True),
-    "student_init": (stage_student_init, ("teacher", "student", "seed"), ("data",), lambda r: True),
-    "capture": (stage_capture, ("teacher", "capture"), ("data",), lambda r: r.distill.teacher_source == "store"),
-    "distill": (stage_distill, ("teacher", "distill", "ensemble", "seed"), ("data", "student_init", "capture"),
-                lambda r: True),
-    "evaluate": (stage_evaluate, ("evaluate",), ("data", "student_init", "distill"), lambda r: True),
-    "report": (stage_report, ("report",), ("distill", "evaluate"), lambda r: r.report.enabled),
-}
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("generate", stage_generate, ("teacher", "generate", "seed"), enabled=lambda r: r.generate is not None),
+    Stage("data", stage_data, ("teacher", "data", "seed"), ("generate",)),
+    Stage("student_init", stage_student_init, ("teacher", "student", "seed"), ("data",)),
+    Stage("capture", stage_capture, ("teacher", "capture"), ("data",),
+          enabled=lambda r: r.distill.teacher_source == "store"),
+    Stage("distill", stage_distill, ("teacher", "distill", "ensemble", "seed"), ("data", "student_init", "capture")),
+    Stage("evaluate", stage_evaluate, ("evaluate",), ("data", "student_init", "distill")),
+    Stage("report", stage_report, ("report",), ("distill", "evaluate"), enabled=lambda r: r.report.enabled),
+)}
 
 
 # ---------------------------------------------------------------- manifest and running
@@ -387,18 +409,21 @@ def load_manifest(run: Path) -> dict:
 
 
 def input_hash(recipe: Recipe, name: str, manifest: dict) -> str:
-    _, sections, upstream, _ = STAGES[name]
+    stage = STAGES[name]
     dumped = recipe.model_dump(mode="json")
-    return sha256_json({"sections": {s: dumped.get(s) for s in sections},
-                        "upstream": {u: manifest["stages"].get(u, {}).get("input_hash") for u in upstream}})
+    return sha256_json({"sections": {s: dumped.get(s) for s in stage.sections},
+                        "upstream": {u: manifest["stages"].get(u, {}).get("input_hash") for u in stage.upstream}})
 
 
 def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = False, progress: bool = True,
                log: Callable[[str], None] = print) -> dict:
     """Run the named stages (default: all, in order), skipping those already complete."""
+    from distillery.train.distributed import init_distributed, world
+
     run = recipe.run_path
-    stages = names or [n for n, st in STAGES.items() if st[3](recipe)]
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    stages = names or [n for n, st in STAGES.items() if st.enabled(recipe)]
+    init_distributed()  # a no-op unless launched by torchrun
+    rank, world_size = world()
     if world_size > 1 and stages != ["distill"]:
         raise RuntimeError("under torchrun only the distill stage runs (`torchrun ... -m distillery.cli distill "
                            "recipe.yaml`); run `distillery prepare` (and `capture`) in one process first")
@@ -409,10 +434,10 @@ def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = 
     if leader:
         atomic_write_text(run / "recipe.yaml", dump_recipe(recipe))
     manifest = load_manifest(run)
-    ctx = Context(recipe, run, progress and leader, log, force=force)
+    ctx = Context(recipe, run, progress and leader, log, force=force, rank=rank, world_size=world_size)
     for name in stages:
-        fn, _, upstream, _ = STAGES[name]
-        upstream = tuple(u for u in upstream if STAGES[u][3](recipe))
+        stage = STAGES[name]
+        upstream = tuple(u for u in stage.upstream if STAGES[u].enabled(recipe))
         h = input_hash(recipe, name, manifest)
         entry = manifest["stages"].get(name, {})
         done = entry.get("status") == "complete" and entry.get("input_hash") == h
@@ -428,7 +453,7 @@ def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = 
             atomic_write_json(run / "manifest.json", manifest)
         t0 = time.perf_counter()
         ctx.input_hash = h
-        outputs = fn(ctx)
+        outputs = stage.run(ctx)
         manifest["stages"][name] = {"status": "complete", "input_hash": h, "outputs": outputs,
                                     "started": manifest["stages"][name]["started"], "finished": time.time(),
                                     "seconds": round(time.perf_counter() - t0, 2), "versions": versions()}

@@ -6,15 +6,55 @@ path (``distill.losses.kd.temperature: must be > 0``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be run; ``str(e)`` has one line per problem, each naming its field."""
+
+
+def _from_recipe_folder(p: Path, info: ValidationInfo) -> Path:
+    """A relative path written in a recipe file is relative to that file's folder, so a recipe means the
+    same thing wherever it is run from (a recipe built in Python has no folder: the current directory)."""
+    base = (info.context or {}).get("base")
+    return Path(base) / p if base is not None and not p.is_absolute() else p
+
+
+# A path from a recipe: relative to the recipe file's folder (see load_recipe).
+RecipePath = Annotated[Path, AfterValidator(_from_recipe_folder)]
+
+
+def _existing(p: Path) -> Path:
+    if not p.exists():
+        raise ValueError(f"file not found: {p}")
+    return p
+
+
+ExistingPath = Annotated[RecipePath, AfterValidator(_existing)]
+
+
+def _model_source(v: str, info: ValidationInfo) -> str:
+    """``builtin:NAME`` and hub ids pass as they are; a local folder or .gguf file is found relative to the
+    recipe's folder and must exist."""
+    if v.startswith("builtin:"):
+        return v
+    path = Path(v).expanduser()
+    base = (info.context or {}).get("base")
+    found = Path(base) / path if base is not None and not path.is_absolute() else path
+    if found.exists():
+        return str(found)
+    if v.startswith((".", "/", "~")) or v.endswith(".gguf") or v.count("/") != 1:
+        raise ValueError(f"not found: {found} (a local model folder or .gguf file; a hub id is org/name)")
+    return v  # a hub id, fetched where a network exists
+
+
+ModelSource = Annotated[str, AfterValidator(_model_source)]
 
 
 class Strict(BaseModel):
@@ -26,7 +66,7 @@ class Strict(BaseModel):
 
 
 class TeacherConfig(Strict):
-    model: str = Field(
+    model: ModelSource = Field(
         "builtin:smollm2-135m-instruct",
         description="builtin:NAME, a Hugging Face folder, a .gguf file, or a hub id",
     )
@@ -43,10 +83,10 @@ class CutConfig(Strict):
     """Cut a student from the teacher by keeping some of its decoder layers."""
 
     keep_layers: list[int] | None = None
-    every: int | None = Field(None, ge=1)
-    num_layers: int | None = Field(None, ge=1)
+    every: StrictInt | None = Field(None, ge=1)
+    num_layers: StrictInt | None = Field(None, ge=1)
     select: Literal["even", "importance"] = "even"
-    calibration_blocks: int = Field(8, ge=1, description="blocks of training text used to score importance")
+    calibration_blocks: StrictInt = Field(8, ge=1, description="blocks of training text used to score importance")
 
     @model_validator(mode="after")
     def _one_way(self) -> "CutConfig":
@@ -60,7 +100,7 @@ class CutConfig(Strict):
 
 class StudentConfig(Strict):
     from_teacher: CutConfig | None = None
-    model: str | None = Field(None, description="an existing student: HF folder, GGUF or hub id")
+    model: ModelSource | None = Field(None, description="an existing student: HF folder, GGUF or hub id")
     config: dict[str, Any] | None = Field(None, description="a fresh model: config overrides on the teacher's config")
     device: str = Field("auto", description="where the student trains and is evaluated; auto = where the teacher "
                         "computes (e.g. teacher.device: cpu with student.device: cuda puts the teacher on the CPU)")
@@ -84,15 +124,8 @@ class CorpusSource(Strict):
 
 class FileSource(Strict):
     kind: Literal["text", "jsonl"]
-    path: Path
+    path: ExistingPath
     field: str | None = Field(None, description="JSONL: the text field (default: text, or prompt+response)")
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, p: Path) -> Path:
-        if not p.exists():
-            raise ValueError(f"file not found: {p}")
-        return p
 
 
 class GeneratedSource(Strict):
@@ -105,13 +138,13 @@ class TeacherSamplesSource(Strict):
     """Data-free distillation: the teacher samples its own training text from BOS or seed prompts."""
 
     kind: Literal["teacher_samples"]
-    num_samples: int = Field(64, ge=1)
+    num_samples: StrictInt = Field(64, ge=1)
     seed_prompts: list[str] = Field([], description="start texts; empty = start from BOS alone")
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(1.0, gt=0, description="diversity: higher samples more varied text")
-    top_p: float = Field(0.95, gt=0, le=1)
-    repetition_penalty: float = Field(1.1, ge=1)
-    batch_size: int = Field(16, ge=1)
+    max_new_tokens: StrictInt = Field(128, ge=1)
+    temperature: StrictFloat = Field(1.0, gt=0, description="diversity: higher samples more varied text")
+    top_p: StrictFloat = Field(0.95, gt=0, le=1)
+    repetition_penalty: StrictFloat = Field(1.1, ge=1)
+    batch_size: StrictInt = Field(16, ge=1)
 
 
 Source = Annotated[Union[CorpusSource, FileSource, GeneratedSource, TeacherSamplesSource],
@@ -123,9 +156,9 @@ class DataConfig(Strict):
     format: Literal["blocks", "pairs"] = Field(
         "blocks", description="blocks: fixed-length windows of running text; pairs: one prompt+response "
         "example per record, loss on the response only (sequence-level / response-level KD)")
-    block_size: int = Field(128, ge=8, description="blocks: window length; pairs: maximum example length")
-    heldout_fraction: float = Field(0.1, gt=0, lt=1)
-    max_train_blocks: int | None = Field(None, ge=1)
+    block_size: StrictInt = Field(128, ge=8, description="blocks: window length; pairs: maximum example length")
+    heldout_fraction: StrictFloat = Field(0.1, gt=0, lt=1)
+    max_train_blocks: StrictInt | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _pairs_need_pairs(self) -> "DataConfig":
@@ -144,13 +177,13 @@ Divergence = Literal[
 
 class KDLossConfig(Strict):
     divergence: Divergence = "forward_kl"
-    weight: float = Field(1.0, ge=0, description="alpha: the weight of the token-level KD term")
-    temperature: float = Field(1.0, gt=0)
+    weight: StrictFloat = Field(1.0, ge=0, description="alpha: the weight of the token-level KD term")
+    temperature: StrictFloat = Field(1.0, gt=0)
     scale_t2: bool = Field(True, description="multiply by T^2 so gradients keep their size across T")
-    beta: float = Field(0.5, ge=0, le=1, description="generalized JSD interpolation")
-    skew: float = Field(0.1, ge=0, le=1, description="skew KL mixing weight")
+    beta: StrictFloat = Field(0.5, ge=0, le=1, description="generalized JSD interpolation")
+    skew: StrictFloat = Field(0.1, ge=0, le=1, description="skew KL mixing weight")
     tail: Literal["renormalize", "bucket", "uniform"] = "bucket"
-    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the vocabulary-sized math")
+    chunk_size: StrictInt = Field(1024, ge=1, description="tokens per chunk of the vocabulary-sized math")
     fused_lm_head: bool = Field(
         True, description="when KD is the only logit loss, compute the student's logits chunk by chunk from its "
         "last hidden state, so its full [tokens, vocab] logits are never kept for backward (one process only)")
@@ -159,18 +192,18 @@ class KDLossConfig(Strict):
 class HiddenLossConfig(Strict):
     """Hidden-state matching (losses/hidden.py); layers index ``output_hidden_states`` (0 = embeddings)."""
 
-    weight: float = Field(0.0, ge=0, description="0 turns hidden-state matching off")
+    weight: StrictFloat = Field(0.0, ge=0, description="0 turns hidden-state matching off")
     kind: Literal["mse", "cosine", "infonce"] = "mse"
     layer_map: list[tuple[int, int]] | Literal["even"] = Field(
         "even", description="explicit [student_layer, teacher_layer] pairs, or evenly spaced")
-    num_pairs: int | None = Field(None, ge=1, description="with layer_map: even, how many pairs (default: all)")
-    infonce_temperature: float = Field(0.1, gt=0)
+    num_pairs: StrictInt | None = Field(None, ge=1, description="with layer_map: even, how many pairs (default: all)")
+    infonce_temperature: StrictFloat = Field(0.1, gt=0)
 
 
 class AttentionLossConfig(Strict):
     """Attention-map KL (losses/attention.py); layers are 0-based decoder layers."""
 
-    weight: float = Field(0.0, ge=0, description="0 turns attention matching off")
+    weight: StrictFloat = Field(0.0, ge=0, description="0 turns attention matching off")
     layer_map: list[tuple[int, int]] | Literal["even"] = "even"
     head_mode: Literal["average", "grouped"] = "average"
 
@@ -182,37 +215,38 @@ class BalanceConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    """A ramp from ``start`` to ``end`` over ``steps`` steps after ``delay`` steps."""
+    """A ramp from ``start`` to ``end`` over ``steps`` steps after ``delay`` steps (a weight: >= 0)."""
 
     kind: Literal["constant", "linear", "cosine"] = "linear"
-    start: float
-    end: float
-    steps: int = Field(0, ge=0)
-    delay: int = Field(0, ge=0)
+    start: StrictFloat = Field(..., ge=0)
+    end: StrictFloat = Field(..., ge=0)
+    steps: StrictInt = Field(0, ge=0)
+    delay: StrictInt = Field(0, ge=0)
+
+
+class UnitScheduleConfig(ScheduleConfig):
+    """A ramp of a value in [0, 1] (the generalized JSD's beta)."""
+
+    start: StrictFloat = Field(..., ge=0, le=1)
+    end: StrictFloat = Field(..., ge=0, le=1)
+
+
+class TemperatureScheduleConfig(ScheduleConfig):
+    start: StrictFloat = Field(..., gt=0)
+    end: StrictFloat = Field(..., gt=0)
 
 
 class SchedulesConfig(Strict):
     alpha: ScheduleConfig | None = Field(None, description="overrides kd.weight per step")
-    beta: ScheduleConfig | None = Field(None, description="overrides kd.beta per step")
+    beta: UnitScheduleConfig | None = Field(None, description="overrides kd.beta per step")
     hidden_weight: ScheduleConfig | None = None
     attention_weight: ScheduleConfig | None = None
-    temperature: ScheduleConfig | None = None
-    representation_start_step: int = Field(0, ge=0, description="hidden/attention terms are off before this step")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> "SchedulesConfig":
-        for name, lo, hi in (("beta", 0.0, 1.0), ("temperature", 0.0, None), ("alpha", 0.0, None),
-                             ("hidden_weight", 0.0, None), ("attention_weight", 0.0, None)):
-            sc = getattr(self, name)
-            for end in ("start", "end") if sc is not None else ():
-                v = getattr(sc, end)
-                if v < lo or (hi is not None and v > hi) or (name == "temperature" and v <= 0):
-                    raise ValueError(f"{name}.{end}: {v} out of range")
-        return self
+    temperature: TemperatureScheduleConfig | None = None
+    representation_start_step: StrictInt = Field(0, ge=0, description="hidden/attention terms are off before this step")
 
 
 class LossesConfig(Strict):
-    ce_weight: float = Field(0.0, ge=0, description="weight of the task cross-entropy on the data")
+    ce_weight: StrictFloat = Field(0.0, ge=0, description="weight of the task cross-entropy on the data")
     kd: KDLossConfig = KDLossConfig()
     hidden: HiddenLossConfig = HiddenLossConfig()
     attention: AttentionLossConfig = AttentionLossConfig()
@@ -223,55 +257,71 @@ class LossesConfig(Strict):
 class NoiseConfig(Strict):
     """Compression-aware distillation: perturb the student so it learns to survive low precision."""
 
-    logits_std: float = Field(0.0, ge=0, description="Gaussian noise added to the student's logits")
-    hidden_std: float = Field(0.0, ge=0, description="relative Gaussian noise on each decoder layer's output")
+    logits_std: StrictFloat = Field(0.0, ge=0, description="Gaussian noise added to the student's logits")
+    hidden_std: StrictFloat = Field(0.0, ge=0, description="relative Gaussian noise on each decoder layer's output")
 
 
 class QATConfig(Strict):
     """Quantization-aware distillation through torchao's QAT prepare/convert."""
 
     scheme: Literal["int8_dynamic_act_int4_weight", "int4_weight_only"] = "int8_dynamic_act_int4_weight"
-    group_size: int = Field(32, ge=8)
+    group_size: StrictInt = Field(32, ge=8)
 
 
-class SamplingServerConfig(Strict):
+class EndpointConfig(Strict):
+    """An OpenAI-compatible server (vLLM, llama.cpp's server, another Distillery): where it is, which served
+    model, and the environment variable that holds its API key."""
+
+    base_url: str = Field(..., description="e.g. http://127.0.0.1:8000")
+    model: str = Field(..., description="the served model name")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    timeout_s: StrictFloat = Field(120.0, gt=0)
+
+    def api_key(self) -> str | None:
+        """The key from ``api_key_env``; a named variable that is not set is an error, not an anonymous call."""
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise RecipeError(f"api_key_env: ${self.api_key_env} is not set")
+        return key
+
+
+class SamplingServerConfig(EndpointConfig):
     """An OpenAI-compatible server that serves the student (e.g. ``vllm serve``) and samples for it.
     After the student is written to ``on_policy.sync_dir`` (the folder the server was started from),
     ``reload_body`` is POSTed to ``reload_path``, then the server's prefix cache is reset."""
 
-    base_url: str = Field(..., description="e.g. http://127.0.0.1:8000")
-    model: str = Field(..., description="the served model name")
     reload_path: str = Field("/collective_rpc", description="vLLM's, with VLLM_SERVER_DEV_MODE=1")
     reload_body: dict[str, Any] = Field({"method": "reload_weights"}, description="vLLM: reload from disk")
     reset_cache_path: str | None = Field(
         "/reset_prefix_cache", description="POSTed after each reload, so no KV cache computed with the old "
         "weights is reused (vLLM, dev mode); null for a server without a prefix cache")
-    api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    timeout_s: float = Field(300.0, gt=0)
+    timeout_s: StrictFloat = Field(300.0, gt=0)
 
 
 class OnPolicyConfig(Strict):
     """GKD: with probability ``lam`` a batch is replaced by the student's own sampled completions of
     its prompts (the first ``prompt_tokens`` of each example), scored by the teacher."""
 
-    lam: float = Field(0.5, ge=0, le=1)
-    prompt_tokens: int = Field(32, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    lam: StrictFloat = Field(0.5, ge=0, le=1)
+    prompt_tokens: StrictInt = Field(32, ge=1)
+    max_new_tokens: StrictInt = Field(64, ge=1)
+    temperature: StrictFloat = Field(1.0, gt=0)
+    top_p: StrictFloat = Field(1.0, gt=0, le=1)
     generator: Literal["transformers", "server", "vllm"] = Field(
         "transformers", description="transformers: the student's generate in this process; server: an "
         "OpenAI-compatible server serving the student (vllm serve); vllm: vLLM's engine in this process. "
         "Server and vllm sample from a copy of the student, synced before they sample")
-    sync_dir: Path | None = Field(None, description="server, vllm: the folder the student is written to for "
+    sync_dir: RecipePath | None = Field(None, description="server, vllm: the folder the student is written to for "
                                   "them (a server must be started from it); default <run>/policy")
-    sync_every: int = Field(1, ge=1, description="re-sync once the copy is this many optimiser steps old")
+    sync_every: StrictInt = Field(1, ge=1, description="re-sync once the copy is this many optimiser steps old")
     server: SamplingServerConfig | None = None
-    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="vllm: the share of GPU memory vLLM's engine "
+    vllm_gpu_memory: StrictFloat = Field(0.3, gt=0, lt=1, description="vllm: the share of GPU memory vLLM's engine "
                                    "takes (weights and KV cache); training keeps the rest")
     kv_cache: Literal["auto", "dynamic", "static"] = Field(
-        "auto", description="transformers generator: a static KV cache is compiled by transformers on a GPU, "
-        "0.38x the step time of a dynamic one on an H200 (benchmarks/cuda_paths.py); auto = static on CUDA")
+        "auto", description="transformers generator: a static KV cache is compiled by transformers on a GPU, much faster than a "
+        "dynamic one there (README, benchmarks/cuda_paths.py); auto = static on CUDA")
 
     @model_validator(mode="after")
     def _server_named(self):
@@ -283,10 +333,10 @@ class OnPolicyConfig(Strict):
 class CaptureConfig(Strict):
     """The logit store: the teacher's top-k log-probs over the training data, captured once."""
 
-    k: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0, description="must equal distill.losses.kd.temperature to be used")
-    shard_tokens: int = Field(1 << 20, ge=1)
-    batch_size: int = Field(8, ge=1)
+    k: StrictInt = Field(64, ge=1)
+    temperature: StrictFloat = Field(1.0, gt=0, description="must equal distill.losses.kd.temperature to be used")
+    shard_tokens: StrictInt = Field(1 << 20, ge=1)
+    batch_size: StrictInt = Field(8, ge=1)
 
 
 class EnsembleConfig(Strict):
@@ -298,30 +348,26 @@ class EnsembleConfig(Strict):
     routes: dict[str, int] | None = None
 
 
-class ServedConfig(Strict):
+class ServedConfig(EndpointConfig):
     """A teacher behind an OpenAI-compatible server that returns prompt log-probs (e.g. vLLM)."""
 
-    base_url: str = Field(..., description="e.g. http://127.0.0.1:8000")
-    model: str = Field(..., description="the served model name")
-    top_k: int = Field(20, ge=1)
-    api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    timeout_s: float = Field(120.0, gt=0)
+    top_k: StrictInt = Field(20, ge=1)
 
 
 class DistillConfig(Strict):
-    steps: int = Field(100, ge=0)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(10, ge=0)
+    steps: StrictInt = Field(100, ge=0)
+    batch_size: StrictInt = Field(4, ge=1)
+    grad_accum: StrictInt = Field(1, ge=1)
+    lr: StrictFloat = Field(1e-4, gt=0)
+    weight_decay: StrictFloat = Field(0.0, ge=0)
+    warmup_steps: StrictInt = Field(10, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    clip_grad: float | None = Field(1.0, gt=0)
-    eval_every: int = Field(50, ge=1)
-    eval_blocks: int = Field(16, ge=1)
-    checkpoint_every: int = Field(25, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    min_lr_ratio: StrictFloat = Field(0.1, ge=0, le=1)
+    clip_grad: StrictFloat | None = Field(1.0, gt=0)
+    eval_every: StrictInt = Field(50, ge=1)
+    eval_blocks: StrictInt = Field(16, ge=1)
+    checkpoint_every: StrictInt = Field(25, ge=1)
+    keep_checkpoints: StrictInt = Field(2, ge=1)
     optimizer: Literal["adamw", "sgd", "adafactor"] = "adamw"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast for the student's forward; auto = bf16 on CUDA with bf16, else fp32")
@@ -331,7 +377,7 @@ class DistillConfig(Strict):
                        "decoder layer) instead of replicating it with DDP")
     shard_teacher: bool = Field(True, description="with fsdp: shard a live teacher too, so neither model has to "
                                 "fit one device whole; false keeps a full teacher on every rank (no all-gathers)")
-    early_stopping_patience: int | None = Field(
+    early_stopping_patience: StrictInt | None = Field(
         None, ge=1, description="stop after this many evals without a lower held-out KL to the teacher")
     noise: NoiseConfig | None = None
     qat: QATConfig | None = None
@@ -339,7 +385,7 @@ class DistillConfig(Strict):
         "online", description="online: run the teacher every step; store: read the capture stage's logit store; "
         "served: ask an OpenAI-compatible server with prompt logprobs (vLLM) for the teacher's top-k")
     served: ServedConfig | None = None
-    generations: int = Field(1, ge=1, description="born-again: each generation's student teaches the next")
+    generations: StrictInt = Field(1, ge=1, description="born-again: each generation's student teaches the next")
     on_policy: OnPolicyConfig | None = None
     losses: LossesConfig = LossesConfig()
 
@@ -348,8 +394,8 @@ class DistillConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    eval_blocks: int = Field(32, ge=1, description="held-out blocks scored per model variant")
-    batch_size: int = Field(8, ge=1)
+    eval_blocks: StrictInt = Field(32, ge=1, description="held-out blocks scored per model variant")
+    batch_size: StrictInt = Field(8, ge=1)
     slices: dict[str, Source] = Field(
         {}, description="more text to score every variant on, by name (e.g. another domain); -> eval/slices.json")
     variants: list[Literal["teacher", "student_init", "student"]] = ["teacher", "student_init", "student"]
@@ -368,32 +414,30 @@ class PromptSourceConfig(Strict):
     checkable tasks (arithmetic, copy/format) that carry their answers."""
 
     kind: Literal["tasks", "text", "jsonl", "csv", "parquet", "hf_disk"] = "tasks"
-    path: Path | None = None
+    path: ExistingPath | None = None
     field: str = Field("prompt", description="column/field holding the prompt (text files: one prompt a line)")
     answer_field: str | None = Field(None, description="column holding a checkable answer, if any")
     id_field: str | None = None
     tasks: list[Literal["arithmetic", "copy", "format"]] = ["arithmetic", "copy"]
-    limit: int | None = Field(None, ge=1, description="tasks: how many to build; files: read at most this many")
+    limit: StrictInt | None = Field(None, ge=1, description="tasks: how many to build; files: read at most this many")
 
     @model_validator(mode="after")
     def _path_needed(self) -> "PromptSourceConfig":
         if self.kind != "tasks":
             if self.path is None:
                 raise ValueError(f"kind {self.kind} needs a path")
-            if not Path(self.path).exists():
-                raise ValueError(f"file not found: {self.path}")
         return self
 
 
 class DecodingConfig(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 = no top-k cut")
-    n: int = Field(1, ge=1, description="samples per prompt")
-    max_new_tokens: int = Field(64, ge=1)
-    share: float | None = Field(None, gt=0, le=1, description="fraction of prompts; null = all prompts")
+    temperature: StrictFloat = Field(1.0, gt=0)
+    top_p: StrictFloat = Field(1.0, gt=0, le=1)
+    top_k: StrictInt = Field(0, ge=0, description="0 = no top-k cut")
+    n: StrictInt = Field(1, ge=1, description="samples per prompt")
+    max_new_tokens: StrictInt = Field(64, ge=1)
+    share: StrictFloat | None = Field(None, gt=0, le=1, description="fraction of prompts; null = all prompts")
 
     @model_validator(mode="after")
     def _greedy_once(self) -> "DecodingConfig":
@@ -402,13 +446,13 @@ class DecodingConfig(Strict):
         return self
 
 
-class BackendConfig(Strict):
+class BackendConfig(EndpointConfig):
+    """Where teacher generations come from; the endpoint fields apply to ``kind: openai``."""
+
     kind: Literal["transformers", "openai", "vllm"] = "transformers"
-    batch_size: int = Field(16, ge=1)
+    batch_size: StrictInt = Field(16, ge=1)
     base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1")
     model: str | None = Field(None, description="openai/vllm: the served model name")
-    api_key_env: str | None = Field(None, description="openai: environment variable holding the API key")
-    timeout_s: float = Field(120.0, gt=0)
 
     @model_validator(mode="after")
     def _url(self) -> "BackendConfig":
@@ -423,7 +467,7 @@ class VerifierConfig(Strict):
     pattern: str | None = Field(None, description="regex: must match somewhere in the response")
     function: str | None = Field(None, description="python: module:function(record) -> bool")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="json_schema: inline schema")
-    schema_path: Path | None = None
+    schema_path: ExistingPath | None = None
     required: bool = Field(True, description="reject the record when this verifier fails")
 
     @model_validator(mode="after")
@@ -438,10 +482,10 @@ class VerifierConfig(Strict):
 
 class ScoreFilterConfig(Strict):
     score: Literal["mean_entropy", "mean_gap", "min_gap", "mean_logprob", "agreement"]
-    min: float | None = None
-    max: float | None = None
-    quantile_min: float | None = Field(None, ge=0, le=1, description="drop the lowest fraction")
-    quantile_max: float | None = Field(None, ge=0, le=1, description="drop above this quantile")
+    min: StrictFloat | None = None
+    max: StrictFloat | None = None
+    quantile_min: StrictFloat | None = Field(None, ge=0, le=1, description="drop the lowest fraction")
+    quantile_max: StrictFloat | None = Field(None, ge=0, le=1, description="drop above this quantile")
 
 
 class PIIConfig(Strict):
@@ -453,16 +497,16 @@ class PIIConfig(Strict):
 class CurateConfig(Strict):
     verifiers: list[VerifierConfig] = []
     filters: list[ScoreFilterConfig] = []
-    min_chars: int = Field(1, ge=0)
-    max_chars: int | None = Field(None, ge=1)
-    max_repetition: float = Field(0.5, gt=0, le=1, description="max fraction of repeated word 3-grams")
+    min_chars: StrictInt = Field(1, ge=0)
+    max_chars: StrictInt | None = Field(None, ge=1)
+    max_repetition: StrictFloat = Field(0.5, gt=0, le=1, description="max fraction of repeated word 3-grams")
     exact_dedup: bool = True
-    near_dup_threshold: float | None = Field(0.9, gt=0, le=1, description="MinHash Jaccard; null = off")
+    near_dup_threshold: StrictFloat | None = Field(0.9, gt=0, le=1, description="MinHash Jaccard; null = off")
     pii: PIIConfig = PIIConfig()
-    seed_fraction: float = Field(0.2, ge=0, le=1, description="highest-confidence share staged as `seed`")
-    review_fraction: float = Field(0.05, ge=0, le=1, description="lowest-confidence share exported for review")
-    review_file: Path | None = Field(None, description="a reviewed file to import (verdicts override)")
-    valid_fraction: float = Field(0.1, ge=0, lt=1)
+    seed_fraction: StrictFloat = Field(0.2, ge=0, le=1, description="highest-confidence share staged as `seed`")
+    review_fraction: StrictFloat = Field(0.05, ge=0, le=1, description="lowest-confidence share exported for review")
+    review_file: ExistingPath | None = Field(None, description="a reviewed file to import (verdicts override)")
+    valid_fraction: StrictFloat = Field(0.1, ge=0, lt=1)
 
 
 class GenerateConfig(Strict):
@@ -473,8 +517,8 @@ class GenerateConfig(Strict):
     decoding: list[DecodingConfig] = [DecodingConfig(name="greedy")]
     backend: BackendConfig = BackendConfig()
     teachers: list[TeacherConfig] = Field([], description="teachers compare: candidates (the first is the reference)")
-    compare_prompts: int = Field(32, ge=1)
-    cache_dir: Path | None = Field(None, description="default: <run>/data/cache")
+    compare_prompts: StrictInt = Field(32, ge=1)
+    cache_dir: RecipePath | None = Field(None, description="default: <run>/data/cache")
     curate: CurateConfig = CurateConfig()
 
     @model_validator(mode="after")
@@ -489,10 +533,12 @@ class GenerateConfig(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
-    run_dir: Path = Path("runs")
-    cache_dir: Path | None = Field(None, description="default: $DISTILLERY_CACHE or ~/.cache/distillery")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="the run folder's name under run_dir: one "
+                      "path component (letters, digits, _ . -), never . or ..")
+    seed: StrictInt = 0
+    run_dir: RecipePath = Field(Path("runs"), description="where run folders go; the default is runs/ in the "
+                                "current directory, a path written in the recipe is relative to the recipe's folder")
+    cache_dir: RecipePath | None = Field(None, description="default: $DISTILLERY_CACHE or ~/.cache/distillery")
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig
     data: DataConfig
@@ -503,9 +549,18 @@ class Recipe(Strict):
     report: ReportConfig = ReportConfig()
     generate: GenerateConfig | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        if set(v) == {"."}:
+            raise ValueError(f"{v!r} is not a folder of its own (the run folder would be run_dir itself or "
+                             "its parent); pick a name")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         d = self.distill
+        self._check_representations()
         if d.teacher_source == "store":
             if self.capture is None:
                 raise ValueError("distill.teacher_source: store needs a capture section (k, temperature)")
@@ -527,6 +582,32 @@ class Recipe(Strict):
             raise ValueError("data.source: kind generated needs a generate section")
         return self
 
+    def _check_representations(self) -> None:
+        """Hidden-state and attention matching read the teacher's insides: a single live teacher, and layer
+        maps within the student's depth where the recipe fixes it (the teacher's is checked once loaded)."""
+        L, d = self.distill.losses, self.distill
+        hidden = L.hidden.weight > 0 or L.schedules.hidden_weight is not None
+        attention = L.attention.weight > 0 or L.schedules.attention_weight is not None
+        if not (hidden or attention):
+            return
+        what = "distill.losses." + ("hidden" if hidden else "attention")
+        if d.teacher_source != "online":
+            raise ValueError(f"{what}: representation matching needs a live teacher (teacher_source: online), "
+                             f"not {d.teacher_source} logits")
+        if self.ensemble is not None:
+            raise ValueError(f"{what}: representation matching needs one teacher, not an ensemble")
+        cut = self.student.from_teacher
+        depth = (len(set(cut.keep_layers)) if cut.keep_layers is not None else cut.num_layers) if cut else None
+        if depth is None:
+            return
+        for name, cfg, top in (("hidden", L.hidden, depth), ("attention", L.attention, depth - 1)):
+            if (name == "hidden" and not hidden) or (name == "attention" and not attention) or cfg.layer_map == "even":
+                continue
+            for i, (s, _) in enumerate(cfg.layer_map):
+                if not 0 <= s <= top:
+                    raise ValueError(f"distill.losses.{name}.layer_map[{i}]: student layer {s} outside 0..{top} "
+                                     f"(the student has {depth} layers)")
+
     @property
     def run_path(self) -> Path:
         return self.run_dir / self.name
@@ -543,14 +624,17 @@ def _format_errors(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_TAGS = {"corpus", "text", "jsonl", "generated", "teacher_samples"}  # discriminated-union tags pydantic puts in error paths
+# The discriminated-union tags pydantic puts in error paths: every ``kind`` a Source can have.
+_TAGS = {tag for model in get_args(get_args(Source)[0]) for tag in get_args(model.model_fields["kind"].annotation)}
 
 
-def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+def parse_recipe(data: dict[str, Any], source: str = "recipe", base: str | Path | None = None) -> Recipe:
+    """Validate a recipe; relative paths in it are taken from ``base`` (the recipe file's folder), or from
+    the current directory when None."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the recipe must be a YAML mapping, got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"base": base})
     except ValidationError as e:
         raise RecipeError(_format_errors(e, source)) from None
 
@@ -562,20 +646,31 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: recipe file not found")
     try:
         data = yaml.safe_load(path.read_text("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+    if data is None and overrides:
+        data = {}  # an empty recipe: --set may build it up; validation then names what is missing
     for item in overrides or []:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise RecipeError(f"--set {item!r}: expected dotted.key=value")
+        if not isinstance(data, dict):
+            break  # parse_recipe names the problem
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {item!r}: {p} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
-    return parse_recipe(data, str(path))
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_recipe(data, str(path), base=path.resolve().parent)
 
 
 def dump_recipe(recipe: Recipe) -> str:

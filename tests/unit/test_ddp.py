@@ -26,7 +26,8 @@ WORKER = textwrap.dedent("""
     from distillery.models.student import cut_layers
     from distillery.recipe import DistillConfig
     from distillery.signals.online import OnlineTeacher
-    from distillery.train.loop import init_distributed, train, world
+    from distillery.train.distributed import init_distributed, world
+    from distillery.train.loop import train
     from tests.helpers import tiny_llama, tiny_recipe
     import torch.distributed as dist
 
@@ -42,7 +43,7 @@ WORKER = textwrap.dedent("""
                  out_dir=__import__("pathlib").Path({out!r}), progress=False)
     # What this rank holds of the teacher: a shard's local tensor, or the whole parameter.
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in teacher.parameters())
-    from distillery.train.loop import full_state_dict
+    from distillery.train.distributed import full_state_dict
     state = full_state_dict(student)
     if rank == 0:
         torch.save(state, {out!r} + "/weights.pt")
@@ -144,7 +145,7 @@ def test_torchrun_distill_stage_from_the_cli(tiny_teacher_dir, lee_file, tmp_pat
 
 
 def test_an_int8_teacher_cannot_be_sharded():
-    from distillery.train.loop import shard_live_teacher
+    from distillery.train.distributed import shard_live_teacher
 
     teacher = OnlineTeacher(tiny_llama(layers=2), model_id="t", tokenizer_fingerprint="x", dtype="int8")
     with pytest.raises(ValueError, match="distill.shard_teacher"):

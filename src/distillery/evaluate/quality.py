@@ -13,9 +13,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-def head(data: torch.Tensor | dict, n: int) -> torch.Tensor | dict:
-    """The first ``n`` examples of ``[N, T]`` blocks, or of each tensor in a dict of them."""
-    return {k: v[:n] for k, v in data.items()} if isinstance(data, dict) else data[:n]
+Examples = dict[str, torch.Tensor]  # input_ids [N, T]; optional attention_mask, labels (-100 = not scored)
+
+
+def as_examples(data: torch.Tensor | Examples) -> Examples:
+    """The one form examples take inside Distillery: a dict of ``[N, T]`` tensors. Bare ``[N, T]`` token
+    blocks (the public functions accept them) become ``{"input_ids": blocks}``."""
+    return data if isinstance(data, dict) else {"input_ids": data}
+
+
+def head(data: torch.Tensor | Examples, n: int) -> Examples:
+    """The first ``n`` examples."""
+    return {k: v[:n] for k, v in as_examples(data).items()}
 
 
 @torch.no_grad()
@@ -31,7 +40,7 @@ def evaluate_models(models: dict[str, torch.nn.Module], blocks: torch.Tensor | d
     """
     if teacher is not None and "teacher" not in models:
         models = {"teacher": teacher, **models}
-    data = blocks if isinstance(blocks, dict) else {"input_ids": blocks}
+    data = as_examples(blocks)
     ids = data["input_ids"]
     sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in models}
     tokens = 0

@@ -12,17 +12,19 @@ student is the plain model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from distillery.losses.attention import attention_maps_loss, eager_attention, even_attention_pairs
 from distillery.losses.balance import LossBalancer
-from distillery.losses.divergences import token_kd_loss, token_kd_loss_from_hidden
+from distillery.losses.divergences import KDOptions, token_kd_loss, token_kd_loss_from_hidden
 from distillery.losses.hidden import ProjectionHeads, check_layer_map, even_layer_map, hidden_states_loss
 from distillery.losses.schedules import Ramp
 from distillery.recipe import LossesConfig
 from distillery.signals.base import Signal, TeacherSignal
+from distillery.train.distributed import is_sharded
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels", "loss_mask")
 
@@ -43,6 +45,14 @@ class Distiller:
             L.schedules.hidden_weight is not None or L.schedules.attention_weight is not None
         if self.representations:
             self._setup_representations()
+        kd = L.kd
+        self.kd_options = KDOptions(kd.divergence, kd.temperature, kd.beta, kd.skew, kd.tail)
+        self.kd_options.check()
+        sc = L.schedules
+        self.ramps = {key: Ramp(r.start, r.end, r.kind, r.steps, r.delay)
+                      for key, r in (("kd", sc.alpha), ("beta", sc.beta), ("hidden", sc.hidden_weight),
+                                     ("attention", sc.attention_weight), ("temperature", sc.temperature))
+                      if r is not None}
         reference = L.balance.reference or ("ce" if L.ce_weight > 0 else "kd")
         self.balancer = LossBalancer({"ce": L.ce_weight, "kd": L.kd.weight, "hidden": L.hidden.weight,
                                       "attention": L.attention.weight}, L.balance.mode, reference)
@@ -89,23 +99,20 @@ class Distiller:
 
     def weights_at(self, step: int | None) -> dict[str, float]:
         """Every scheduled value at an optimiser step (the configured constants when step is None)."""
-        L, sc = self.losses, self.losses.schedules
+        L = self.losses
         out = {"ce": L.ce_weight, "kd": L.kd.weight, "hidden": L.hidden.weight, "attention": L.attention.weight,
                "temperature": L.kd.temperature, "beta": L.kd.beta}
         if step is None:
             return out
-        for key, ramp in (("kd", sc.alpha), ("beta", sc.beta), ("hidden", sc.hidden_weight),
-                          ("attention", sc.attention_weight), ("temperature", sc.temperature)):
-            if ramp is not None:
-                out[key] = Ramp(ramp.start, ramp.end, ramp.kind, ramp.steps, ramp.delay)(step)
-        if step < sc.representation_start_step:
+        out.update({key: ramp(step) for key, ramp in self.ramps.items()})
+        if step < L.schedules.representation_start_step:
             out["hidden"] = out["attention"] = 0.0
         return out
 
     # ---------------------------------------------------------------- the loss
 
-    def loss(self, batch: dict, num_tokens: float | torch.Tensor | None = None, step: int | None = None,
-             **overrides) -> torch.Tensor:
+    def loss(self, batch: dict, num_tokens: float | torch.Tensor | None = None,
+             step: int | None = None) -> torch.Tensor:
         """The training loss of one (micro-)batch.
 
         ``batch``: ``input_ids [B,T]``, optional ``attention_mask``, ``labels`` (-100 = ignore; default:
@@ -113,7 +120,7 @@ class Distiller:
         predicted positions); other keys (e.g. ``example_ids``) go to the teacher signal.
         ``num_tokens``: the predicted tokens of the whole optimiser step (all micro-batches and ranks),
         so accumulation and data parallelism do not change the loss. ``step`` evaluates the recipe's
-        schedules; ``overrides`` (``temperature=``, ``weight=``, ``beta=`` ...) replace KD settings.
+        schedules.
         """
         input_ids = batch["input_ids"]
         attn = batch.get("attention_mask")
@@ -127,22 +134,10 @@ class Distiller:
         mask = batch.get("loss_mask", predict.new_ones(predict.shape))[:, : predict.shape[1]].bool() & predict
         n = num_tokens if num_tokens is not None else predict.sum()
         w = self.weights_at(step)
-        kd = self.losses.kd.model_copy(update={"temperature": w["temperature"], "beta": w["beta"], **overrides})
-        w["kd"] = overrides.get("weight", w["kd"])
         need_hidden = self.representations and w["hidden"] > 0
         need_attn = self.representations and w["attention"] > 0
-
-        student = getattr(self.student, "module", self.student)
-        head = self._fusable_head(w, need_hidden or need_attn, kd.fused_lm_head)
-        if head is not None:  # the student's logits are built chunk by chunk inside the KD loss
-            hidden = student.base_model(input_ids=input_ids, attention_mask=attn).last_hidden_state[:, :-1]
-        else:
-            with eager_attention(student) if need_attn else contextlib.nullcontext():
-                out = self.student(input_ids=input_ids, attention_mask=attn, output_hidden_states=need_hidden,
-                                   output_attentions=need_attn)
-            logits = out.logits[:, :-1]
-            if self.noise is not None and self.noise.logits_std > 0 and student.training:
-                logits = logits + torch.randn_like(logits) * self.noise.logits_std
+        head = self._fusable_head(w, need_hidden or need_attn, self.losses.kd.fused_lm_head)
+        logits, hidden, out = self._student_forward(input_ids, attn, head, need_hidden, need_attn)
 
         terms: dict[str, torch.Tensor] = {}
         if w["ce"] > 0:
@@ -153,11 +148,11 @@ class Distiller:
             signal, t_out = self._teacher(input_ids, attn, extra, need_hidden, need_attn)
             if w["kd"] > 0:
                 signal = signal.select((slice(None), slice(0, input_ids.shape[1] - 1)))
-                opts = dict(divergence=kd.divergence, temperature=kd.temperature, scale_t2=kd.scale_t2, beta=kd.beta,
-                            skew=kd.skew, tail=kd.tail, num_tokens=n, chunk_size=kd.chunk_size)
-                terms["kd"] = (token_kd_loss_from_hidden(hidden, head.weight, signal, mask, lm_head_bias=head.bias,
-                                                         **opts) if head is not None
-                               else token_kd_loss(logits, signal, mask, **opts))
+                opts = self._kd_options_at(w)
+                kw = dict(opts=opts, scale_t2=self.losses.kd.scale_t2, num_tokens=n,
+                          chunk_size=self.losses.kd.chunk_size)
+                terms["kd"] = (token_kd_loss_from_hidden(hidden, head.weight, signal, mask, lm_head_bias=head.bias, **kw)
+                               if head is not None else token_kd_loss(logits, signal, mask, **kw))
             if need_hidden:
                 h = self.losses.hidden
                 terms["hidden"] = hidden_states_loss([s[:, :-1] for s in out.hidden_states],
@@ -175,6 +170,27 @@ class Distiller:
                            "loss": logs["loss/total"]}
         return total
 
+    def _kd_options_at(self, w: dict) -> KDOptions:
+        """The KD options, with the scheduled temperature and beta of this step when they are scheduled."""
+        o = self.kd_options
+        if (w["temperature"], w["beta"]) == (o.temperature, o.beta):
+            return o
+        return dataclasses.replace(o, temperature=w["temperature"], beta=w["beta"])
+
+    def _student_forward(self, input_ids, attn, head, hidden_states: bool, attentions: bool):
+        """(logits [B, T-1, V] or None, last hidden state [B, T-1, H] or None, model output or None). With a
+        fusable ``head`` only the backbone runs: the KD loss builds the logits chunk by chunk."""
+        student = getattr(self.student, "module", self.student)
+        if head is not None:
+            return None, student.base_model(input_ids=input_ids, attention_mask=attn).last_hidden_state[:, :-1], None
+        with eager_attention(student) if attentions else contextlib.nullcontext():
+            out = self.student(input_ids=input_ids, attention_mask=attn, output_hidden_states=hidden_states,
+                               output_attentions=attentions)
+        logits = out.logits[:, :-1]
+        if self.noise is not None and self.noise.logits_std > 0 and student.training:
+            logits = logits + torch.randn_like(logits) * self.noise.logits_std
+        return logits, None, out
+
     def _fusable_head(self, w: dict, representations: bool, enabled: bool) -> torch.nn.Linear | None:
         """The student's lm_head when the KD loss can be fused with it: KD is the only logit loss, there
         is no logit noise, the model's logits are a plain linear map of its last hidden state, and the
@@ -182,7 +198,7 @@ class Distiller:
         if not enabled or w["ce"] > 0 or w["kd"] <= 0 or representations or self.student is not \
                 getattr(self.student, "module", self.student) or (self.noise is not None and self.noise.logits_std > 0):
             return None
-        if any(hasattr(p, "full_tensor") for p in self.student.parameters()):
+        if is_sharded(self.student):
             return None
         cfg = self.student.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):

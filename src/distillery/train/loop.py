@@ -13,25 +13,29 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from distillery.evaluate.quality import evaluate_models, head
+from distillery.evaluate.quality import Examples, as_examples, evaluate_models, head
 from distillery.io import atomic_write_text
 from distillery.recipe import DistillConfig
 from distillery.signals.base import TeacherSignal
 from distillery.train.checkpoint import load_latest, save_checkpoint, set_rng_state
 from distillery.train.distiller import Distiller
+from distillery.train.distributed import (all_ranks_sum, average_grads, full_state_dict, full_value, is_sharded,
+                                          load_full_state_dict, rank0_decides, shard_live_teacher, world,
+                                          wrap_student)
 from distillery.train.perturb import hidden_noise, prepare_qat
 
 
 def lr_lambda(cfg: DistillConfig):
+    """Warm-up, then cosine/linear decay to ``min_lr_ratio``. Not transformers' cosine-with-min-lr
+    schedule: its warm-up starts at lr 0 (step / warmup) and so wastes the first step, where ours starts at
+    1 / (warmup + 1); switching would change every run's learning rates."""
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
@@ -52,12 +56,6 @@ def step_indices(step: int, per_step: int, n: int, seed: int) -> torch.Tensor:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         out.extend(perm[offset: offset + per_step - len(out)].tolist())
     return torch.tensor(out)
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def make_optimizer(params, cfg: DistillConfig) -> torch.optim.Optimizer:
@@ -86,8 +84,8 @@ def predicted_tokens(batch: dict) -> int:
     return batch["input_ids"][:, 1:].numel()
 
 
-def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Tensor | dict, cfg: DistillConfig, *,
-          out_dir: Path, seed: int = 0, eval_blocks: torch.Tensor | dict | None = None,
+def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Tensor | Examples, cfg: DistillConfig, *,
+          out_dir: Path, seed: int = 0, eval_blocks: torch.Tensor | Examples | None = None,
           eval_teacher: torch.nn.Module | None = None, progress: bool = True, log=print,
           distiller: Distiller | None = None, batch_transform=None) -> list[dict]:
     """Distil ``student`` in place; checkpoints and ``train.jsonl`` go to ``out_dir``. Resumes from the
@@ -95,7 +93,7 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
     (``input_ids`` and optionally ``attention_mask``, ``labels`` with -100 for ignored targets).
     Returns the log records (a resumed run's include the earlier ones)."""
     rank, world_size = world()
-    data = train_data if isinstance(train_data, dict) else {"input_ids": train_data}
+    data = as_examples(train_data)
     device = next(student.parameters()).device
     torch.manual_seed(seed)
     kd, params = _prepare(student, teacher, cfg, distiller, log)
@@ -123,12 +121,12 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
                 loss.backward()
                 terms = {k: terms.get(k, 0.0) + v for k, v in kd.last_terms.items()}
         terms = dict(zip(terms, (v / world_size for v in all_ranks_sum(list(terms.values())))))
-        _average_extra_grads(kd, world_size)
+        average_grads(kd.extra_parameters())  # projection heads live outside DDP/FSDP
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        rec = {"step": step + 1, **terms, "lr": sched.get_last_lr()[0], "grad_norm": _item(gnorm),
+        rec = {"step": step + 1, **terms, "lr": sched.get_last_lr()[0], "grad_norm": full_value(gnorm),
                "tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0), **_memory(device)}
         if eval_blocks is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             rec.update(_evaluate(student, eval_blocks, eval_teacher, cfg))
@@ -149,19 +147,13 @@ def _prepare(student: torch.nn.Module, teacher: TeacherSignal, cfg: DistillConfi
              log) -> tuple[Distiller, list[torch.nn.Parameter]]:
     """Checkpointing and fake quantisation on the student, then DDP or FSDP2 under torchrun; returns
     the distiller bound to the (wrapped) student and every parameter the optimiser updates."""
-    _, world_size = world()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     if cfg.qat is not None:
         prepare_qat(student, cfg.qat)
-    model = student
-    if world_size > 1 and cfg.fsdp:
-        shard(student)
-        if cfg.shard_teacher:
-            shard_live_teacher(teacher, log)
-    elif world_size > 1:
-        dev = next(student.parameters()).device
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if dev.type == "cuda" else None)
+    model = wrap_student(student, fsdp=cfg.fsdp)
+    if world()[1] > 1 and cfg.fsdp and cfg.shard_teacher:
+        shard_live_teacher(teacher, log)
     kd = distiller or Distiller(model, teacher, cfg.losses, noise=cfg.noise)
     kd.student = model
     return kd, [*student.parameters(), *kd.extra_parameters()]
@@ -174,14 +166,7 @@ def _resume(student, opt, sched, kd: Distiller, out_dir: Path, log) -> tuple[int
     state = load_latest(ckpt_dir)
     if state is None:
         return 0, []
-    if is_sharded(student):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(student, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    load_full_state_dict(student, opt, state["model"], state["optimizer"])
     kd.load_state_dict(state.get("distiller", {}))
     sched.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -220,11 +205,7 @@ class _EarlyStop:
             kl = rec["eval_kl_to_teacher"]
             self.best, self.stale = (kl, 0) if kl < self.best else (self.best, self.stale + 1)
             stop = self.patience is not None and self.stale >= self.patience
-        if world()[1] > 1:
-            flag = torch.tensor([int(stop)])
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        return stop
+        return rank0_decides(stop)
 
 
 class _Logger:
@@ -253,29 +234,6 @@ class _Logger:
             self.board.close()
 
 
-def all_ranks_sum(values: list[float]) -> list[float]:
-    """Elementwise sum over every rank (float64); the values themselves in one process."""
-    if world()[1] == 1:
-        return [float(v) for v in values]
-    packed = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(packed)
-    return packed.tolist()
-
-
-def _average_extra_grads(kd: Distiller, world_size: int) -> None:
-    """Projection heads live outside DDP/FSDP: average their gradients by hand."""
-    if world_size == 1:
-        return
-    for p in kd.extra_parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world_size
-
-
-def _item(x: torch.Tensor) -> float:
-    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
-
-
 def _memory(device: torch.device) -> dict:
     """Peak memory so far: the process's resident set (all devices' host side), and the GPU's."""
     out = {}
@@ -291,75 +249,9 @@ def _memory(device: torch.device) -> dict:
     return out
 
 
-def shard(model: torch.nn.Module, *, forward_only: bool = False) -> None:
-    """FSDP2: every decoder layer its own shard group, then the root (embeddings, head). Each rank
-    keeps 1/world of the weights and gathers one layer at a time for its forward (and backward).
-    FSDP2 keeps the root gathered after forward, for the backward; a forward-only model (the
-    teacher) has no backward, so its root is resharded too."""
-    from torch.distributed.fsdp import fully_shard
-
-    from distillery.models.student import decoder_layers
-
-    for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model, reshard_after_forward=True if forward_only else None)
-
-
-def shard_live_teacher(teacher: TeacherSignal, log=print) -> None:
-    """Shard a live teacher like the student, so neither has to fit one device whole. Its forward is
-    then a collective: every rank scores the same number of batches, which the loop guarantees."""
-    from distillery.signals.online import OnlineTeacher
-
-    if not isinstance(teacher, OnlineTeacher):
-        if hasattr(teacher, "teachers"):
-            log("distill: fsdp: ensemble members are not sharded (each routes its own examples)")
-        return  # a stored or served teacher holds no weights here
-    if is_sharded(teacher.model):
-        return
-    if not any(True for _ in teacher.model.parameters()) or any(
-            "quantized" in type(m).__module__ for m in teacher.model.modules()):
-        raise ValueError("distill.shard_teacher: an int8 (dynamically quantised) teacher cannot be sharded; "
-                         "set distill.shard_teacher: false or teacher.dtype to a float type")
-    shard(teacher.model, forward_only=True)
-
-
 def _tensorboard(out_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise RuntimeError("distill.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
     return SummaryWriter(str(out_dir / "tensorboard"))
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
-
-
-def full_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None):
-    """The whole model's (and optimizer's) state. For an FSDP2-sharded model this is a collective
-    that every rank must call; rank 0 receives the tensors, on CPU."""
-    if not is_sharded(model):
-        state = model.state_dict()
-        return state if opt is None else (state, opt.state_dict())
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if opt is None:
-        return get_model_state_dict(model, options=options)
-    return get_state_dict(model, opt, options=options)
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def init_distributed() -> bool:
-    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
-    if "RANK" not in os.environ or (dist.is_available() and dist.is_initialized()):
-        return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return True
