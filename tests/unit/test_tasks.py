@@ -127,7 +127,7 @@ def test_multiple_choice_scores_equal_hand_computed(model, tiny_tokenizer):
     lls = [_hand_loglik(model, tiny_tokenizer, ex.prompt, " " + c) for c in ex.choices]
     assert res[0]["loglik"] == pytest.approx(lls, abs=1e-4)
     pred = max(range(3), key=lambda i: lls[i])
-    norm = [ll / len(" " + c) for ll, c in zip(lls, ex.choices)]
+    norm = [ll / len(c) for ll, c in zip(lls, ex.choices)]
     assert res[0]["pred"] == pred and res[0]["pred_norm"] == max(range(3), key=lambda i: norm[i])
     assert res[0]["correct"] == float(pred == 1)
     assert res[0]["confidence"] == pytest.approx(math.exp(lls[pred]) / sum(math.exp(v) for v in lls), abs=1e-6)

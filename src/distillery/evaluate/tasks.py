@@ -5,8 +5,8 @@ Two kinds of row; a file holds one kind:
 - multiple choice: ``{"id", "prompt", "choices": [str, ...], "answer": index, "tags": [...]}``.
   Each choice is scored by its log-likelihood as a continuation of the prompt,
   ``LL(c) = sum_i log p(c_i | prompt, c_<i)``, over the choice's tokens. The prediction is
-  ``argmax LL``; the length-normalised prediction is ``argmax LL / len(delimiter + choice)`` in
-  characters (lm-evaluation-harness' ``acc_norm``, which also compares across tokenizers). The answer
+  ``argmax LL``; the length-normalised prediction is ``argmax LL / len(choice)`` in characters
+  (lm-evaluation-harness' ``acc_norm``; characters, not tokens, so it compares across tokenizers). The answer
   confidence is the softmax of the LLs over the choices, at the predicted one.
 - generation: ``{"id", "prompt", "answer", "tags", "answer_type"?}``. Greedy decoding; the first
   non-empty line of the response is the prediction (for ``answer_type: "number"`` the number in it,
@@ -164,6 +164,8 @@ def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]],
     out: list[list[float]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
+        if any(len(cont) > limit for _, cont in chunk):
+            raise TaskError(f"a continuation is longer than the model's {limit} positions")
         seqs = [(ctx + cont)[-(limit + 1):][:-1] for ctx, cont in chunk]
         width = max(len(s) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -171,10 +173,11 @@ def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]],
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
-        logp = F.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.double(), -1).cpu()
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
         for i, ((_, cont), s) in enumerate(zip(chunk, seqs)):
-            # the last len(cont) positions of the input predict the continuation's tokens
-            rows = logp[i, len(s) - len(cont):len(s)]
+            # the last len(cont) positions of the input predict the continuation's tokens; only
+            # those rows are upcast, never the whole [batch, time, vocab] tensor
+            rows = F.log_softmax(logits[i, len(s) - len(cont):len(s)].double(), -1).cpu()
             out.append(rows.gather(-1, torch.tensor(cont).unsqueeze(-1)).squeeze(-1).tolist())
     return out
 
@@ -194,7 +197,7 @@ def score_multiple_choice(model, tokenizer, examples: Sequence[ChoiceExample], d
     for ex in examples:
         lls = [math.fsum(token_logps[k + j]) for j in range(len(ex.choices))]
         k += len(ex.choices)
-        norm = [ll / len(delimiter + c) for ll, c in zip(lls, ex.choices)]
+        norm = [ll / len(c) for ll, c in zip(lls, ex.choices)]
         pred, pred_norm = _argmax(lls), _argmax(norm)
         top = max(lls)
         confidence = 1.0 / math.fsum(math.exp(ll - top) for ll in lls)  # softmax at the argmax
