@@ -175,3 +175,40 @@ def test_exit_codes_and_gate_json(tmp_path):
     table = format_table(bad).splitlines()
     assert table[0].split() == ["verdict", "rule", "value", "threshold", "interval", "p"]
     assert table[3].startswith("FAIL") and "latency_p99" in table[3] and table[4].startswith("ERROR")
+
+
+# ---------------------------------------------------------------- from task results to a verdict
+
+
+def test_gate_on_task_results_of_two_tiny_models(tiny_tokenizer, tmp_path):
+    from distillery.evaluate.collect import gate_inputs
+    from distillery.evaluate.task_builders import arithmetic_rows, sentiment_rows
+    from distillery.evaluate.tasks import evaluate_task, read_task, write_task
+    from tests.helpers import tiny_llama
+
+    tasks = [read_task(write_task(tmp_path / "sentiment.jsonl", sentiment_rows(limit=10))),
+             read_task(write_task(tmp_path / "arithmetic.jsonl", arithmetic_rows(4)))]
+    results = {name: [evaluate_task(tiny_llama(seed=seed), tiny_tokenizer, t, max_new_tokens=3) for t in tasks]
+               for name, seed in (("teacher", 1), ("student", 2))}
+    metrics, per_example = gate_inputs(results)
+    for variant, (mc, gen) in results.items():
+        assert metrics[variant]["accuracy"]["value"] == pytest.approx(mc["metrics"]["accuracy"])
+        assert metrics[variant]["exact_match"]["value"] == pytest.approx(gen["metrics"]["exact_match"])
+        assert metrics[variant]["answer_ece"] == pytest.approx(mc["metrics"]["ece"])
+        assert metrics["slices"]["label:pos"][variant]["accuracy"] == pytest.approx(mc["slices"]["label:pos"]["accuracy"])
+        assert metrics["slices"]["sentiment"][variant] == {"accuracy": pytest.approx(mc["metrics"]["accuracy"]),
+                                                           "accuracy_norm": pytest.approx(mc["metrics"]["accuracy_norm"])}
+        assert len(per_example[variant]["accuracy"]) == 10 and len(per_example[variant]["token_f1"]) == 4
+    teacher = [e["correct"] for e in results["teacher"][0]["examples"]]
+    student = [e["correct"] for e in results["student"][0]["examples"]]
+    rules = ["accuracy not worse than teacher (paired, p < 0.05)", "accuracy[label:neg] >= 0",
+             "accuracy >= teacher.accuracy + 1.01", "answer_ece <= 1"]  # the third cannot pass
+    assert check_rules(rules, {m for v in ("teacher", "student") for m in metrics[v]}, results,
+                       metrics["slices"]) == []
+    res = evaluate_rules(rules, metrics, "student", per_example)
+    assert res[0]["test"] == "mcnemar" and res[0]["n"] == 10
+    b = sum(s == 1 and t == 0 for s, t in zip(student, teacher))
+    c = sum(s == 0 and t == 1 for s, t in zip(student, teacher))
+    assert res[0]["p_value"] == pytest.approx(1.0 if b + c == 0 else sps.binomtest(b, b + c, 0.5).pvalue)
+    assert [r["verdict"] for r in res[1:]] == ["pass", "fail", "pass"]
+    assert exit_code(res) == 1
