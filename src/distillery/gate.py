@@ -216,7 +216,8 @@ def check_rules(rules: list[str], metrics: Collection[str], variants: Collection
             if operand.variant is not None and operand.variant not in variants:
                 errors.append(f"{where}: unknown variant {operand.variant!r} (known: {', '.join(sorted(variants))})")
             if operand.slice is not None and operand.slice not in slices:
-                errors.append(f"{where}: unknown slice {operand.slice!r} (known: {', '.join(sorted(slices)) or 'none'})")
+                known = ", ".join(sorted(slices)) or "none"
+                errors.append(f"{where}: unknown slice {operand.slice!r} (known: {known})")
         if rule.against is not None and rule.against not in variants:
             errors.append(f"{where}: unknown variant {rule.against!r} (known: {', '.join(sorted(variants))})")
     return errors

@@ -33,7 +33,8 @@ def test_sentiment_on_the_real_teacher(teacher, tmp_path):
     assert len(ex) == 8
     for e in ex:
         assert len(e["loglik"]) == 2 and all(math.isfinite(v) and v < 0 for v in e["loglik"])
-        assert e["pred"] == max((0, 1), key=lambda i: e["loglik"][i]) and e["correct"] == float(e["pred"] == e["answer"])
+        assert e["pred"] == max((0, 1), key=lambda i: e["loglik"][i])
+        assert e["correct"] == float(e["pred"] == e["answer"])
         assert 0.5 <= e["confidence"] <= 1
     assert out["metrics"]["accuracy"] == pytest.approx(sum(e["correct"] for e in ex) / 8)
     assert out["slices"]["label:pos"]["n"] + out["slices"]["label:neg"]["n"] == 8

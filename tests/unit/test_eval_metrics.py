@@ -11,8 +11,7 @@ from scipy import stats as sps
 from distillery.evaluate.calibration import (calibration_errors, model_token_confidence, next_token_calibration,
                                              reliability, token_confidence)
 from distillery.evaluate.stats import bootstrap_ci, mcnemar, paired_bootstrap
-from distillery.evaluate.text import (bleu, chrf, exact_match, normalize_answer, normalize_spaces, rouge_l,
-                                      token_f1)
+from distillery.evaluate.text import bleu, chrf, exact_match, normalize_answer, normalize_spaces, rouge_l, token_f1
 from tests.helpers import tiny_llama
 
 # ---------------------------------------------------------------- calibration

@@ -140,7 +140,8 @@ def test_paired_rule_by_id_on_a_slice_and_lower_is_better():
     # a per-example loss (continuous, lower is better): the paired bootstrap, and lower wins
     rng = np.random.default_rng(0)
     base = rng.gamma(2.0, 1.0, 300)
-    per_example = {"student": {"nll": (base - 0.3).tolist()}, "student_init": {"nll": (base + rng.normal(0, .1, 300)).tolist()}}
+    per_example = {"student": {"nll": (base - 0.3).tolist()},
+                   "student_init": {"nll": (base + rng.normal(0, 0.1, 300)).tolist()}}
     res = evaluate_rules(["nll better than student_init (paired)", "nll not worse than student_init (paired)"],
                          {}, "student", per_example)
     assert [r["verdict"] for r in res] == ["pass", "pass"] and res[0]["test"] == "paired_bootstrap"
@@ -195,9 +196,11 @@ def test_gate_on_task_results_of_two_tiny_models(tiny_tokenizer, tmp_path):
         assert metrics[variant]["accuracy"]["value"] == pytest.approx(mc["metrics"]["accuracy"])
         assert metrics[variant]["exact_match"]["value"] == pytest.approx(gen["metrics"]["exact_match"])
         assert metrics[variant]["answer_ece"] == pytest.approx(mc["metrics"]["ece"])
-        assert metrics["slices"]["label:pos"][variant]["accuracy"] == pytest.approx(mc["slices"]["label:pos"]["accuracy"])
-        assert metrics["slices"]["sentiment"][variant] == {"accuracy": pytest.approx(mc["metrics"]["accuracy"]),
-                                                           "accuracy_norm": pytest.approx(mc["metrics"]["accuracy_norm"])}
+        pos = metrics["slices"]["label:pos"][variant]
+        assert pos["accuracy"] == pytest.approx(mc["slices"]["label:pos"]["accuracy"])
+        assert metrics["slices"]["sentiment"][variant] == {
+            "accuracy": pytest.approx(mc["metrics"]["accuracy"]),
+            "accuracy_norm": pytest.approx(mc["metrics"]["accuracy_norm"])}
         assert len(per_example[variant]["accuracy"]) == 10 and len(per_example[variant]["token_f1"]) == 4
     teacher = [e["correct"] for e in results["teacher"][0]["examples"]]
     student = [e["correct"] for e in results["student"][0]["examples"]]

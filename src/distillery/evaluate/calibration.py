@@ -6,7 +6,8 @@ Confidences are split into ``n_bins`` equal-width bins over [0, 1]. With ``n`` e
     ECE = sum_b (n_b / n) * |acc_b - conf_b|        MCE = max_b over non-empty bins |acc_b - conf_b|
 
 Bin ``b`` holds confidences in ``[b/B, (b+1)/B)`` (torchmetrics' edges, so the two agree on the
-same inputs), and the last bin also holds 1.0, where torchmetrics opens a 16th bin for it alone. Two kinds of confidence are scored:
+same inputs), and the last bin also holds 1.0, where torchmetrics opens a 16th bin for it alone.
+Two kinds of confidence are scored:
 
 - next-token: the model's top probability at each position, correct when its argmax is the target;
 - answer: the probability a task scorer gave its chosen answer, correct when that answer was right.

@@ -37,7 +37,6 @@ from distillery.evaluate.stats import bootstrap_ci
 from distillery.evaluate.text import exact_match, normalize_answer, normalize_spaces, token_f1
 from distillery.io import atomic_write_text
 
-
 ANSWER_TYPES = (None, "number", "text", "exact")
 
 
