@@ -125,8 +125,16 @@ def _untie_head(model: torch.nn.Module) -> None:
         model.config.get_text_config().tie_word_embeddings = False
 
 
+def _name_pattern(names) -> str:
+    """One ``re:`` pattern matching these module names, with layer indices generalised."""
+    import re
+
+    parts = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in names})
+    return "re:(?:" + "|".join(parts) + ")"
+
+
 def _attach_transformers_quantizer(model: torch.nn.Module, ao_config, quantize_embeddings: bool,
-                                   embedding_config=None) -> None:
+                                   embedding_config=None, linears=()) -> None:
     """Make ``save_pretrained`` write torchao's serialized tensors and ``from_pretrained`` read them."""
     from transformers import TorchAoConfig
     from transformers.quantizers import AutoHfQuantizer
@@ -134,7 +142,8 @@ def _attach_transformers_quantizer(model: torch.nn.Module, ao_config, quantize_e
     if quantize_embeddings:
         tq = _torchao()
         emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-        quant = TorchAoConfig(tq.FqnToConfig({"_default": ao_config, emb_name: embedding_config}),
+        # explicit modules rather than torchao's deprecated "_default" key
+        quant = TorchAoConfig(tq.FqnToConfig({emb_name: embedding_config, _name_pattern(linears): ao_config}),
                               include_input_output_embeddings=True, untie_embedding_weights=True)
     else:
         quant = TorchAoConfig(ao_config)
@@ -171,7 +180,7 @@ def quantize(model: torch.nn.Module, scheme: str, *, backend: str = "torchao", g
         if "int4" in scheme and emb.weight.shape[1] % group_size:
             raise QuantizeError(f"group_size: {group_size} does not divide the embedding width {emb.weight.shape[1]}")
         tq.quantize_(model, emb_config, filter_fn=lambda m, fqn: m is emb)
-    _attach_transformers_quantizer(model, config, quantize_embeddings, emb_config)
+    _attach_transformers_quantizer(model, config, quantize_embeddings, emb_config, names)
     _record(model, scheme=scheme, backend="torchao", group_size=group_size, quantize_embeddings=quantize_embeddings)
     return model
 
