@@ -22,6 +22,15 @@ from tests.helpers import tiny_llama
 PROMPTS = ["The minister said on Tuesday that", "Rain fell", "Police say the fire started in a house near the"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a loaded machine two threads make each tiny matmul wait on the other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(layers=2)
