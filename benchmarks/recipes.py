@@ -34,7 +34,7 @@ def main() -> None:
         for path in paths:
             sets = ["--set", f"run_dir={tmp}"]
             if args.quick:
-                sets += ["--set", "distill.steps=4", "--set", "evaluate.eval_blocks=4"]
+                sets += ["--set", "distill.steps=4", "--set", "distill.warmup_steps=1", "--set", "evaluate.eval_blocks=4"]
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "distillery.cli", "run", str(path), *sets],
                                   capture_output=True, text=True, cwd=ROOT)

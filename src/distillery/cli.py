@@ -25,6 +25,11 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e} (check the folder exists, is writable and the disk has room)"
+
+
 def _recipe(path: Path, sets: list[str] | None):
     try:
         return load_recipe(path, sets)
@@ -40,8 +45,10 @@ def _stages(path: Path, sets, names: list[str] | None, force: bool):
     t0 = time.perf_counter()
     try:
         run_stages(recipe, names, force=force, log=lambda m: typer.echo(m))
-    except (ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ModelLoadError, ValueError, RuntimeError) as e:
         _fail(str(e))
+    except OSError as e:  # a read-only run folder, a full disk, a file that vanished mid-run
+        _fail(_os_error(e))
     line = summary_line(recipe.run_path)
     typer.echo(f"done in {time.perf_counter() - t0:.0f}s -> {recipe.run_path}")
     if line and (names is None or "evaluate" in names):

@@ -8,7 +8,6 @@ reads from, so changing the data re-runs everything downstream and nothing upstr
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ import torch
 
 from distillery.evaluate.quality import Examples
 from distillery.io import atomic_path, atomic_write_json, atomic_write_text, read_json, save_model_folder, sha256_json
+from distillery.manifest import (HashCache, input_fingerprints, load_manifest, outputs_digest, outputs_problem,
+                                 record_outputs, versions)
 from distillery.recipe import Recipe, dump_recipe
 
 
@@ -120,7 +121,8 @@ def _generated(ctx: Context) -> Path:
 def stage_student_init(ctx: Context) -> list[str]:
     """Build the student (cut from the teacher or fresh) and save it as a plain HF folder."""
     from distillery.models.load import load_model
-    from distillery.models.student import choose_layers, cut_layers, decoder_layers, fresh_student
+    from distillery.models.layers import decoder_layers
+    from distillery.models.student import choose_layers, cut_layers, fresh_student
 
     r, teacher = ctx.recipe, ctx.teacher()
     s = r.student
@@ -394,30 +396,23 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 # ---------------------------------------------------------------- manifest and running
 
 
-def versions() -> dict:
-    import transformers
-
-    import distillery
-
-    return {"distillery": distillery.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def load_manifest(run: Path) -> dict:
-    path = run / "manifest.json"
-    return read_json(path) if path.is_file() else {"stages": {}}
-
-
-def input_hash(recipe: Recipe, name: str, manifest: dict) -> str:
+def input_hash(recipe: Recipe, name: str, manifest: dict, cache: HashCache) -> tuple[str, dict]:
+    """(hash, fingerprints of the local files it covers): the stage's recipe sections, the content of the
+    files and folders they name, and what the stages it reads from wrote."""
     stage = STAGES[name]
     dumped = recipe.model_dump(mode="json")
-    return sha256_json({"sections": {s: dumped.get(s) for s in stage.sections},
-                        "upstream": {u: manifest["stages"].get(u, {}).get("input_hash") for u in stage.upstream}})
+    sections = {s: dumped.get(s) for s in stage.sections}
+    files = input_fingerprints(sections, cache)
+    upstream = {u: outputs_digest(manifest["stages"].get(u, {})) for u in stage.upstream}
+    return sha256_json({"sections": sections, "files": files, "upstream": upstream}), files
 
 
 def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = False, progress: bool = True,
                log: Callable[[str], None] = print) -> dict:
-    """Run the named stages (default: all, in order), skipping those already complete."""
+    """Run the named stages (default: all, in order). A stage is skipped when its inputs are unchanged and
+    its recorded outputs are intact; otherwise it runs (resuming where it can) and every stage after it
+    that read its outputs becomes out of date."""
+    from distillery.models.load import cache_dir
     from distillery.train.distributed import init_distributed, world
 
     run = recipe.run_path
@@ -430,36 +425,52 @@ def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = 
     leader = rank == 0
     if not leader:
         log = lambda m: None  # noqa: E731 - one voice per job
+    if run.is_dir() and not (run / "manifest.json").exists() and any(run.iterdir()):
+        raise RuntimeError(f"{run}: exists and is not a Distillery run folder (no manifest.json); nothing in it "
+                           "is touched: pick another name or run_dir, or empty it")
     run.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(run)
     if leader:
         atomic_write_text(run / "recipe.yaml", dump_recipe(recipe))
-    manifest = load_manifest(run)
+    cache = HashCache(cache_dir(recipe.cache_dir) / "fingerprints.json" if leader else None)
     ctx = Context(recipe, run, progress and leader, log, force=force, rank=rank, world_size=world_size)
     for name in stages:
         stage = STAGES[name]
-        upstream = tuple(u for u in stage.upstream if STAGES[u].enabled(recipe))
-        h = input_hash(recipe, name, manifest)
+        h, inputs = input_hash(recipe, name, manifest, cache)
         entry = manifest["stages"].get(name, {})
-        done = entry.get("status") == "complete" and entry.get("input_hash") == h
-        if done and not force and all((run / o).exists() for o in entry.get("outputs", [])):
-            log(f"{name}: already complete (inputs unchanged), skipped")
-            continue
-        missing = [u for u in upstream if manifest["stages"].get(u, {}).get("status") != "complete"]
-        if missing:
-            raise RuntimeError(f"stage {name} needs {', '.join(missing)} first: run `distillery run` "
-                               f"or `distillery {missing[0].replace('_', '-')}`")
-        manifest["stages"][name] = {"status": "running", "input_hash": h, "started": time.time()}
+        if entry.get("status") == "complete" and entry.get("input_hash") == h and not force:
+            problem = outputs_problem(run, entry, cache)
+            if problem is None:
+                log(f"{name}: already complete (inputs unchanged, outputs intact), skipped")
+                continue
+            log(f"{name}: {problem}; running it again")
+        _check_upstream(run, stage, recipe, manifest, cache)
+        manifest["stages"][name] = {"status": "running", "input_hash": h, "inputs": inputs, "started": time.time()}
         if leader:
             atomic_write_json(run / "manifest.json", manifest)
         t0 = time.perf_counter()
         ctx.input_hash = h
         outputs = stage.run(ctx)
-        manifest["stages"][name] = {"status": "complete", "input_hash": h, "outputs": outputs,
-                                    "started": manifest["stages"][name]["started"], "finished": time.time(),
-                                    "seconds": round(time.perf_counter() - t0, 2), "versions": versions()}
+        manifest["stages"][name] = {**manifest["stages"][name], "status": "complete", "outputs": outputs,
+                                    "files": record_outputs(run, outputs, cache) if leader else {},
+                                    "finished": time.time(), "seconds": round(time.perf_counter() - t0, 2),
+                                    "versions": versions()}
         if leader:
             atomic_write_json(run / "manifest.json", manifest)
+            cache.save()
     return manifest
+
+
+def _check_upstream(run: Path, stage: Stage, recipe: Recipe, manifest: dict, cache: HashCache) -> None:
+    """Refuse to run on the outputs of a stage that has not completed or whose outputs were damaged."""
+    for u in stage.upstream:
+        if not STAGES[u].enabled(recipe):
+            continue
+        entry = manifest["stages"].get(u, {})
+        problem = "it has not completed" if entry.get("status") != "complete" else outputs_problem(run, entry, cache)
+        if problem:
+            raise RuntimeError(f"stage {stage.name} needs {u} first ({problem}): run `distillery run` "
+                               f"or `distillery {u.replace('_', '-')}`")
 
 
 def summary_line(run: Path) -> str | None:

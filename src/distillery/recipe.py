@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be run; ``str(e)`` has one line per problem, each naming its field."""
+
+
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("expected a number, not true/false")
+    return v
+
+
+# A float field: numbers and numeric strings (YAML reads 1e-4 as a string), never true/false.
+Number = Annotated[float, BeforeValidator(_not_bool)]
 
 
 def _from_recipe_folder(p: Path, info: ValidationInfo) -> Path:
@@ -141,9 +151,9 @@ class TeacherSamplesSource(Strict):
     num_samples: StrictInt = Field(64, ge=1)
     seed_prompts: list[str] = Field([], description="start texts; empty = start from BOS alone")
     max_new_tokens: StrictInt = Field(128, ge=1)
-    temperature: StrictFloat = Field(1.0, gt=0, description="diversity: higher samples more varied text")
-    top_p: StrictFloat = Field(0.95, gt=0, le=1)
-    repetition_penalty: StrictFloat = Field(1.1, ge=1)
+    temperature: Number = Field(1.0, gt=0, description="diversity: higher samples more varied text")
+    top_p: Number = Field(0.95, gt=0, le=1)
+    repetition_penalty: Number = Field(1.1, ge=1)
     batch_size: StrictInt = Field(16, ge=1)
 
 
@@ -157,7 +167,7 @@ class DataConfig(Strict):
         "blocks", description="blocks: fixed-length windows of running text; pairs: one prompt+response "
         "example per record, loss on the response only (sequence-level / response-level KD)")
     block_size: StrictInt = Field(128, ge=8, description="blocks: window length; pairs: maximum example length")
-    heldout_fraction: StrictFloat = Field(0.1, gt=0, lt=1)
+    heldout_fraction: Number = Field(0.1, gt=0, lt=1)
     max_train_blocks: StrictInt | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -177,11 +187,11 @@ Divergence = Literal[
 
 class KDLossConfig(Strict):
     divergence: Divergence = "forward_kl"
-    weight: StrictFloat = Field(1.0, ge=0, description="alpha: the weight of the token-level KD term")
-    temperature: StrictFloat = Field(1.0, gt=0)
+    weight: Number = Field(1.0, ge=0, description="alpha: the weight of the token-level KD term")
+    temperature: Number = Field(1.0, gt=0)
     scale_t2: bool = Field(True, description="multiply by T^2 so gradients keep their size across T")
-    beta: StrictFloat = Field(0.5, ge=0, le=1, description="generalized JSD interpolation")
-    skew: StrictFloat = Field(0.1, ge=0, le=1, description="skew KL mixing weight")
+    beta: Number = Field(0.5, ge=0, le=1, description="generalized JSD interpolation")
+    skew: Number = Field(0.1, ge=0, le=1, description="skew KL mixing weight")
     tail: Literal["renormalize", "bucket", "uniform"] = "bucket"
     chunk_size: StrictInt = Field(1024, ge=1, description="tokens per chunk of the vocabulary-sized math")
     fused_lm_head: bool = Field(
@@ -192,18 +202,18 @@ class KDLossConfig(Strict):
 class HiddenLossConfig(Strict):
     """Hidden-state matching (losses/hidden.py); layers index ``output_hidden_states`` (0 = embeddings)."""
 
-    weight: StrictFloat = Field(0.0, ge=0, description="0 turns hidden-state matching off")
+    weight: Number = Field(0.0, ge=0, description="0 turns hidden-state matching off")
     kind: Literal["mse", "cosine", "infonce"] = "mse"
     layer_map: list[tuple[int, int]] | Literal["even"] = Field(
         "even", description="explicit [student_layer, teacher_layer] pairs, or evenly spaced")
     num_pairs: StrictInt | None = Field(None, ge=1, description="with layer_map: even, how many pairs (default: all)")
-    infonce_temperature: StrictFloat = Field(0.1, gt=0)
+    infonce_temperature: Number = Field(0.1, gt=0)
 
 
 class AttentionLossConfig(Strict):
     """Attention-map KL (losses/attention.py); layers are 0-based decoder layers."""
 
-    weight: StrictFloat = Field(0.0, ge=0, description="0 turns attention matching off")
+    weight: Number = Field(0.0, ge=0, description="0 turns attention matching off")
     layer_map: list[tuple[int, int]] | Literal["even"] = "even"
     head_mode: Literal["average", "grouped"] = "average"
 
@@ -218,8 +228,8 @@ class ScheduleConfig(Strict):
     """A ramp from ``start`` to ``end`` over ``steps`` steps after ``delay`` steps (a weight: >= 0)."""
 
     kind: Literal["constant", "linear", "cosine"] = "linear"
-    start: StrictFloat = Field(..., ge=0)
-    end: StrictFloat = Field(..., ge=0)
+    start: Number = Field(..., ge=0)
+    end: Number = Field(..., ge=0)
     steps: StrictInt = Field(0, ge=0)
     delay: StrictInt = Field(0, ge=0)
 
@@ -227,13 +237,13 @@ class ScheduleConfig(Strict):
 class UnitScheduleConfig(ScheduleConfig):
     """A ramp of a value in [0, 1] (the generalized JSD's beta)."""
 
-    start: StrictFloat = Field(..., ge=0, le=1)
-    end: StrictFloat = Field(..., ge=0, le=1)
+    start: Number = Field(..., ge=0, le=1)
+    end: Number = Field(..., ge=0, le=1)
 
 
 class TemperatureScheduleConfig(ScheduleConfig):
-    start: StrictFloat = Field(..., gt=0)
-    end: StrictFloat = Field(..., gt=0)
+    start: Number = Field(..., gt=0)
+    end: Number = Field(..., gt=0)
 
 
 class SchedulesConfig(Strict):
@@ -246,7 +256,7 @@ class SchedulesConfig(Strict):
 
 
 class LossesConfig(Strict):
-    ce_weight: StrictFloat = Field(0.0, ge=0, description="weight of the task cross-entropy on the data")
+    ce_weight: Number = Field(0.0, ge=0, description="weight of the task cross-entropy on the data")
     kd: KDLossConfig = KDLossConfig()
     hidden: HiddenLossConfig = HiddenLossConfig()
     attention: AttentionLossConfig = AttentionLossConfig()
@@ -257,8 +267,8 @@ class LossesConfig(Strict):
 class NoiseConfig(Strict):
     """Compression-aware distillation: perturb the student so it learns to survive low precision."""
 
-    logits_std: StrictFloat = Field(0.0, ge=0, description="Gaussian noise added to the student's logits")
-    hidden_std: StrictFloat = Field(0.0, ge=0, description="relative Gaussian noise on each decoder layer's output")
+    logits_std: Number = Field(0.0, ge=0, description="Gaussian noise added to the student's logits")
+    hidden_std: Number = Field(0.0, ge=0, description="relative Gaussian noise on each decoder layer's output")
 
 
 class QATConfig(Strict):
@@ -275,7 +285,7 @@ class EndpointConfig(Strict):
     base_url: str = Field(..., description="e.g. http://127.0.0.1:8000")
     model: str = Field(..., description="the served model name")
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    timeout_s: StrictFloat = Field(120.0, gt=0)
+    timeout_s: Number = Field(120.0, gt=0)
 
     def api_key(self) -> str | None:
         """The key from ``api_key_env``; a named variable that is not set is an error, not an anonymous call."""
@@ -297,18 +307,18 @@ class SamplingServerConfig(EndpointConfig):
     reset_cache_path: str | None = Field(
         "/reset_prefix_cache", description="POSTed after each reload, so no KV cache computed with the old "
         "weights is reused (vLLM, dev mode); null for a server without a prefix cache")
-    timeout_s: StrictFloat = Field(300.0, gt=0)
+    timeout_s: Number = Field(300.0, gt=0)
 
 
 class OnPolicyConfig(Strict):
     """GKD: with probability ``lam`` a batch is replaced by the student's own sampled completions of
     its prompts (the first ``prompt_tokens`` of each example), scored by the teacher."""
 
-    lam: StrictFloat = Field(0.5, ge=0, le=1)
+    lam: Number = Field(0.5, ge=0, le=1)
     prompt_tokens: StrictInt = Field(32, ge=1)
     max_new_tokens: StrictInt = Field(64, ge=1)
-    temperature: StrictFloat = Field(1.0, gt=0)
-    top_p: StrictFloat = Field(1.0, gt=0, le=1)
+    temperature: Number = Field(1.0, gt=0)
+    top_p: Number = Field(1.0, gt=0, le=1)
     generator: Literal["transformers", "server", "vllm"] = Field(
         "transformers", description="transformers: the student's generate in this process; server: an "
         "OpenAI-compatible server serving the student (vllm serve); vllm: vLLM's engine in this process. "
@@ -317,7 +327,7 @@ class OnPolicyConfig(Strict):
                                   "them (a server must be started from it); default <run>/policy")
     sync_every: StrictInt = Field(1, ge=1, description="re-sync once the copy is this many optimiser steps old")
     server: SamplingServerConfig | None = None
-    vllm_gpu_memory: StrictFloat = Field(0.3, gt=0, lt=1, description="vllm: the share of GPU memory vLLM's engine "
+    vllm_gpu_memory: Number = Field(0.3, gt=0, lt=1, description="vllm: the share of GPU memory vLLM's engine "
                                    "takes (weights and KV cache); training keeps the rest")
     kv_cache: Literal["auto", "dynamic", "static"] = Field(
         "auto", description="transformers generator: a static KV cache is compiled by transformers on a GPU, much faster than a "
@@ -334,7 +344,7 @@ class CaptureConfig(Strict):
     """The logit store: the teacher's top-k log-probs over the training data, captured once."""
 
     k: StrictInt = Field(64, ge=1)
-    temperature: StrictFloat = Field(1.0, gt=0, description="must equal distill.losses.kd.temperature to be used")
+    temperature: Number = Field(1.0, gt=0, description="must equal distill.losses.kd.temperature to be used")
     shard_tokens: StrictInt = Field(1 << 20, ge=1)
     batch_size: StrictInt = Field(8, ge=1)
 
@@ -355,15 +365,16 @@ class ServedConfig(EndpointConfig):
 
 
 class DistillConfig(Strict):
-    steps: StrictInt = Field(100, ge=0)
+    steps: StrictInt = Field(100, ge=1, description="optimiser steps (a student that should not train: leave the "
+                             "distill stage out by evaluating student_init)")
     batch_size: StrictInt = Field(4, ge=1)
     grad_accum: StrictInt = Field(1, ge=1)
-    lr: StrictFloat = Field(1e-4, gt=0)
-    weight_decay: StrictFloat = Field(0.0, ge=0)
+    lr: Number = Field(1e-4, gt=0)
+    weight_decay: Number = Field(0.0, ge=0)
     warmup_steps: StrictInt = Field(10, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: StrictFloat = Field(0.1, ge=0, le=1)
-    clip_grad: StrictFloat | None = Field(1.0, gt=0)
+    min_lr_ratio: Number = Field(0.1, ge=0, le=1)
+    clip_grad: Number | None = Field(1.0, gt=0)
     eval_every: StrictInt = Field(50, ge=1)
     eval_blocks: StrictInt = Field(16, ge=1)
     checkpoint_every: StrictInt = Field(25, ge=1)
@@ -377,6 +388,9 @@ class DistillConfig(Strict):
                        "decoder layer) instead of replicating it with DDP")
     shard_teacher: bool = Field(True, description="with fsdp: shard a live teacher too, so neither model has to "
                                 "fit one device whole; false keeps a full teacher on every rank (no all-gathers)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a step whose loss or gradient is NaN/inf: stop with an error naming the step and "
+        "the loss terms (nothing from it is saved), or skip its update and go on")
     early_stopping_patience: StrictInt | None = Field(
         None, ge=1, description="stop after this many evals without a lower held-out KL to the teacher")
     noise: NoiseConfig | None = None
@@ -388,6 +402,13 @@ class DistillConfig(Strict):
     generations: StrictInt = Field(1, ge=1, description="born-again: each generation's student teaches the next")
     on_policy: OnPolicyConfig | None = None
     losses: LossesConfig = LossesConfig()
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> "DistillConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) is more than steps ({self.steps}): the learning "
+                             "rate would never reach distill.lr")
+        return self
 
 
 # ---------------------------------------------------------------- evaluation and report
@@ -432,12 +453,12 @@ class PromptSourceConfig(Strict):
 class DecodingConfig(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     do_sample: bool = False
-    temperature: StrictFloat = Field(1.0, gt=0)
-    top_p: StrictFloat = Field(1.0, gt=0, le=1)
+    temperature: Number = Field(1.0, gt=0)
+    top_p: Number = Field(1.0, gt=0, le=1)
     top_k: StrictInt = Field(0, ge=0, description="0 = no top-k cut")
     n: StrictInt = Field(1, ge=1, description="samples per prompt")
     max_new_tokens: StrictInt = Field(64, ge=1)
-    share: StrictFloat | None = Field(None, gt=0, le=1, description="fraction of prompts; null = all prompts")
+    share: Number | None = Field(None, gt=0, le=1, description="fraction of prompts; null = all prompts")
 
     @model_validator(mode="after")
     def _greedy_once(self) -> "DecodingConfig":
@@ -482,10 +503,10 @@ class VerifierConfig(Strict):
 
 class ScoreFilterConfig(Strict):
     score: Literal["mean_entropy", "mean_gap", "min_gap", "mean_logprob", "agreement"]
-    min: StrictFloat | None = None
-    max: StrictFloat | None = None
-    quantile_min: StrictFloat | None = Field(None, ge=0, le=1, description="drop the lowest fraction")
-    quantile_max: StrictFloat | None = Field(None, ge=0, le=1, description="drop above this quantile")
+    min: Number | None = None
+    max: Number | None = None
+    quantile_min: Number | None = Field(None, ge=0, le=1, description="drop the lowest fraction")
+    quantile_max: Number | None = Field(None, ge=0, le=1, description="drop above this quantile")
 
 
 class PIIConfig(Strict):
@@ -499,14 +520,14 @@ class CurateConfig(Strict):
     filters: list[ScoreFilterConfig] = []
     min_chars: StrictInt = Field(1, ge=0)
     max_chars: StrictInt | None = Field(None, ge=1)
-    max_repetition: StrictFloat = Field(0.5, gt=0, le=1, description="max fraction of repeated word 3-grams")
+    max_repetition: Number = Field(0.5, gt=0, le=1, description="max fraction of repeated word 3-grams")
     exact_dedup: bool = True
-    near_dup_threshold: StrictFloat | None = Field(0.9, gt=0, le=1, description="MinHash Jaccard; null = off")
+    near_dup_threshold: Number | None = Field(0.9, gt=0, le=1, description="MinHash Jaccard; null = off")
     pii: PIIConfig = PIIConfig()
-    seed_fraction: StrictFloat = Field(0.2, ge=0, le=1, description="highest-confidence share staged as `seed`")
-    review_fraction: StrictFloat = Field(0.05, ge=0, le=1, description="lowest-confidence share exported for review")
+    seed_fraction: Number = Field(0.2, ge=0, le=1, description="highest-confidence share staged as `seed`")
+    review_fraction: Number = Field(0.05, ge=0, le=1, description="lowest-confidence share exported for review")
     review_file: ExistingPath | None = Field(None, description="a reviewed file to import (verdicts override)")
-    valid_fraction: StrictFloat = Field(0.1, ge=0, lt=1)
+    valid_fraction: Number = Field(0.1, ge=0, lt=1)
 
 
 class GenerateConfig(Strict):

@@ -66,8 +66,8 @@ def test_on_policy_needs_a_teacher_that_can_score_new_text(tmp_path):
 
 
 def test_overrides_are_validated(tmp_path):
-    r = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["distill.steps=7", "distill.losses.kd.temperature=2.0"])
-    assert r.distill.steps == 7 and r.distill.losses.kd.temperature == 2.0
+    r = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["distill.steps=17", "distill.losses.kd.temperature=2.0"])
+    assert r.distill.steps == 17 and r.distill.losses.kd.temperature == 2.0
     with pytest.raises(RecipeError, match="distill.steps"):
         load_recipe(ROOT / "recipes" / "quickstart.yaml", ["distill.steps=-3"])
 

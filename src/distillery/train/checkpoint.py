@@ -46,11 +46,24 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_latest(folder: Path) -> dict | None:
-    """The newest readable checkpoint; a torn or corrupt file (killed mid-write elsewhere) is skipped."""
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be read: starting over would silently throw away their steps."""
+
+
+def load_latest(folder: Path, log=print) -> dict | None:
+    """The newest readable checkpoint; a torn or corrupt file is skipped, loudly, for an older one. None
+    when there are no checkpoints; :class:`CheckpointError` when there are some and none is readable."""
+    bad = []
     for path in reversed(list_checkpoints(folder)):
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+            bad.append(f"{path.name} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else 'unreadable'})")
             continue
+        if bad:
+            log(f"distill: skipped unreadable checkpoint(s) {', '.join(bad)}; resuming from {path.name}")
+        return state
+    if bad:
+        raise CheckpointError(f"{folder}: no checkpoint can be read ({'; '.join(bad)}); run again with --force to "
+                              "start from step 0, or restore a checkpoint")
     return None

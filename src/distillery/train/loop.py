@@ -122,12 +122,14 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
                 terms = {k: terms.get(k, 0.0) + v for k, v in kd.last_terms.items()}
         terms = dict(zip(terms, (v / world_size for v in all_ranks_sum(list(terms.values())))))
         average_grads(kd.extra_parameters())  # projection heads live outside DDP/FSDP
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
-        opt.step()
+        gnorm = full_value(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf")))
+        update = _finite(terms, gnorm, step, cfg, log)
+        if update:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        rec = {"step": step + 1, **terms, "lr": sched.get_last_lr()[0], "grad_norm": full_value(gnorm),
-               "tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0), **_memory(device)}
+        rec = {"step": step + 1, **terms, "lr": sched.get_last_lr()[0], "grad_norm": gnorm, "tokens": n_tokens,
+               "tokens_per_s": n_tokens / (time.perf_counter() - t0), **_memory(device), **({} if update else {"skipped": 1})}
         if eval_blocks is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             rec.update(_evaluate(student, eval_blocks, eval_teacher, cfg))
         stop = stopper.update(rec)
@@ -141,6 +143,26 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
             break
     logger.close()
     return records
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step whose loss or gradient is NaN or infinite; raised before the update, so no checkpoint or
+    export ever holds the weights it would have made."""
+
+
+def _finite(terms: dict[str, float], grad_norm: float, step: int, cfg: DistillConfig, log) -> bool:
+    """Whether the step's loss terms and gradient are finite. If not: stop with a one-line error naming the
+    step and the terms (the default), or log it and skip the update (``distill.on_nonfinite: skip``)."""
+    if all(math.isfinite(v) for v in terms.values()) and math.isfinite(grad_norm):
+        return True
+    what = ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) + f", grad_norm={grad_norm:.4g}"
+    if cfg.on_nonfinite == "skip":
+        log(f"distill: step {step + 1}: non-finite loss or gradient ({what}); update skipped")
+        return False
+    raise NonFiniteLossError(
+        f"distill: step {step + 1}: the loss or its gradient is not finite ({what}); stopped before the update, "
+        "nothing from this step was saved. Check the teacher's signal (a logit store: `distillery logits verify`), "
+        "or lower distill.lr; `distill.on_nonfinite: skip` skips such steps instead")
 
 
 def _prepare(student: torch.nn.Module, teacher: TeacherSignal, cfg: DistillConfig, distiller: Distiller | None,
@@ -163,7 +185,7 @@ def _resume(student, opt, sched, kd: Distiller, out_dir: Path, log) -> tuple[int
     """Load the newest checkpoint under ``out_dir`` (model, optimiser, scheduler, distiller, RNG);
     returns the step to start from and the records so far."""
     ckpt_dir = out_dir / "checkpoints"
-    state = load_latest(ckpt_dir)
+    state = load_latest(ckpt_dir, log)
     if state is None:
         return 0, []
     load_full_state_dict(student, opt, state["model"], state["optimizer"])
