@@ -79,10 +79,11 @@ def _make_run(run: Path, tok, lee_text: str) -> Path:
               "student": tiny_llama(layers=1, seed=2)}
     ids = tok(lee_text[:20_000])["input_ids"]
     blocks = torch.tensor(ids[: 8 * 32]).view(8, 32)
-    summary = evaluate_models({k: v for k, v in models.items() if k != "teacher"}, blocks[:4], teacher=models["teacher"])
+    students = {k: v for k, v in models.items() if k != "teacher"}
+    summary = evaluate_models(students, blocks[:4], teacher=models["teacher"])
     atomic_write_json(run / "eval" / "summary.json", summary)
-    atomic_write_json(run / "eval" / "slices.json", {"lee-tail": evaluate_models(
-        {k: v for k, v in models.items() if k != "teacher"}, blocks[4:], teacher=models["teacher"])})
+    atomic_write_json(run / "eval" / "slices.json",
+                      {"lee-tail": evaluate_models(students, blocks[4:], teacher=models["teacher"])})
     atomic_write_json(run / "eval" / "calibration.json",
                       {k: next_token_calibration(m, blocks[:4]) for k, m in models.items()})
 
@@ -125,8 +126,9 @@ def _make_run(run: Path, tok, lee_text: str) -> Path:
                           run / "review", seed=0)
     key = json.loads(paths["key"].read_text())["key"]
     filled = [json.loads(line) for line in paths["jsonl"].read_text().splitlines()]
-    for i, r in enumerate(filled):
-        r["rating"] = "tie" if i == 5 else next(s for s, v in key[r["id"]].items() if v == ("student" if i < 3 else "teacher"))
+    for i, r in enumerate(filled):  # the student wins 3, loses 2, ties 1
+        winner = "student" if i < 3 else "teacher"
+        r["rating"] = "tie" if i == 5 else next(side for side, v in key[r["id"]].items() if v == winner)
     atomic_write_text(paths["jsonl"], "".join(json.dumps(r) + "\n" for r in filled))
     atomic_write_json(run / "eval" / "review.json", {"student": import_ratings(paths["jsonl"], paths["key"])})
 
@@ -251,7 +253,8 @@ def test_report_in_headless_chromium(tiny_run, tmp_path):
         browser = p.chromium.launch(executable_path=executable,
                                     args=["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])
         try:
-            for name, viewport in (("desktop", {"width": 1280, "height": 900}), ("phone", {"width": 390, "height": 844})):
+            for name, viewport in (("desktop", {"width": 1280, "height": 900}),
+                                   ("phone", {"width": 390, "height": 844})):
                 page = browser.new_page(viewport=viewport, device_scale_factor=1)
                 errors, requests = [], []
                 page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -59,7 +59,8 @@ def test_greedy_with_eos_suppressed_counts_max_new_tokens(model, tiny_tokenizer)
 def test_counts_stop_at_the_first_eos_when_eos_is_allowed(tiny_tokenizer):
     m = tiny_llama(layers=2)
     enc = tiny_tokenizer(PROMPTS[0], return_tensors="pt")
-    greedy = m.generate(**enc, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)[0, enc.input_ids.shape[1]:]
+    out = m.generate(**enc, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    greedy = out[0, enc.input_ids.shape[1]:]
     # make the third greedy token the end of sequence: the request must stop there (3 tokens)
     m.generation_config.eos_token_id = int(greedy[2])
     expected = next(i + 1 for i, t in enumerate(greedy.tolist()) if t == int(greedy[2]))

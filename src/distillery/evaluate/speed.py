@@ -279,10 +279,11 @@ def cold_start(folder: str | os.PathLike, prompt: str = "Hello", *, loader: str 
                threads: int | None = None, repeats: int = 1, timeout: float = 600) -> dict:
     """Load ``folder`` in a fresh Python process and produce one token, ``repeats`` times.
 
-    ``loader`` is ``"module:callable"`` taking the folder (e.g. ``distillery.compress.quantize:load_quantized``
-    for a quantized variant). Each run reports ``import_s`` (process start to the loader imported:
-    the interpreter, torch, transformers), ``load_s`` (model and tokenizer), ``first_token_s`` (tokenize and generate one token) and
-    ``cold_start_s = load_s + first_token_s``, and the process's ``peak_rss_bytes``."""
+    ``loader`` is ``"module:callable"`` taking the folder (e.g.
+    ``distillery.compress.quantize:load_quantized`` for a quantized variant). Each run reports
+    ``import_s`` (process start to the loader imported: the interpreter, torch, transformers),
+    ``load_s`` (model and tokenizer), ``first_token_s`` (tokenize and generate one token),
+    ``cold_start_s = load_s + first_token_s`` and the process's ``peak_rss_bytes``."""
     runs = []
     threads = threads or torch.get_num_threads()
     for _ in range(repeats):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from distillery.gate import higher_is_better
 from distillery.report import plots
-from distillery.report.tables import cell, esc, fmt, metrics_table, table, value_cell, verdict
+from distillery.report.tables import cell, esc, fmt, metrics_table, num, table, value_cell, verdict
 
 QUALITY = ("accuracy", "exact_match", "token_f1", "top1_agreement", "kl_to_teacher", "perplexity")
 _TASK_METRICS = {"multiple_choice": ("accuracy", "accuracy_norm", "ece", "mce"),
@@ -76,9 +76,9 @@ def gate_section(gate: dict) -> str:
         iv = r.get("interval")
         rule = r["rule"] + (f" ({r['error']})" if r.get("error") else "")
         rows.append([verdict(r["verdict"]), cell(rule, "rule"), cell(r.get("variant", "")),
-                     f'<td class="num">{fmt(r.get("value"))}</td>', f'<td class="num">{fmt(r.get("threshold"))}</td>',
+                     num(r.get("value")), num(r.get("threshold")),
                      f'<td class="num">{f"[{fmt(iv[0])}, {fmt(iv[1])}]" if iv else "-"}</td>',
-                     f'<td class="num">{fmt(r.get("p_value"))}</td>'])
+                     num(r.get("p_value"))])
     return head + table(["verdict", "rule", "variant", "value", "threshold", "interval", "p"], rows)
 
 
@@ -109,7 +109,7 @@ def tasks_section(tasks: dict) -> str:
             body = []
             for t in tags:
                 n = next((res["slices"][t]["n"] for res in by_variant.values() if t in res.get("slices", {})), None)
-                body.append([cell(t), f'<td class="num">{fmt(n)}</td>',
+                body.append([cell(t), num(n),
                              *(value_cell(res.get("slices", {}).get(t, {}).get(main)) for res in by_variant.values())])
             out.append(table(["slice", "n", *(f"{v} {main}" for v in by_variant)], body,
                              caption=f"{name}: {main} per slice (tag)"))
@@ -120,15 +120,16 @@ def paired_section(inputs: dict) -> str:
     rows = []
     for r in inputs.get("paired", []):
         iv = r.get("interval")
-        rows.append([cell(r["variant"]), cell(r["against"]), cell(r["metric"] + (f"[{r['slice']}]" if r.get("slice") else "")),
-                     value_cell({"value": r["difference"], "interval": iv}), f'<td class="num">{fmt(r.get("p_value"))}</td>',
-                     cell(r.get("test", "")), f'<td class="num">{fmt(r.get("n"))}</td>'])
+        metric = r["metric"] + (f"[{r['slice']}]" if r.get("slice") else "")
+        rows.append([cell(r["variant"]), cell(r["against"]), cell(metric),
+                     value_cell({"value": r["difference"], "interval": iv}), num(r.get("p_value")),
+                     cell(r.get("test", "")), num(r.get("n"))])
     for r in inputs.get("gate", {}).get("rules", []):
         if r.get("against") and r.get("verdict") != "error":
             rows.append([cell(r["variant"]), cell(r["against"]), cell(f"gate: {r['rule']}"),
                          value_cell({"value": r["value"], "interval": r.get("interval")}),
-                         f'<td class="num">{fmt(r.get("p_value"))}</td>', cell(r.get("test", "")),
-                         f'<td class="num">{fmt(r.get("n"))}</td>'])
+                         num(r.get("p_value")), cell(r.get("test", "")),
+                         num(r.get("n"))])
     if not rows:
         return ""
     return table(["variant", "against", "metric", "difference (variant - against)", "p", "test", "n"], rows,
@@ -141,8 +142,8 @@ def calibration_section(inputs: dict) -> str:
     out = []
     calibration = inputs.get("calibration", {})
     if calibration:
-        out.append(metrics_table({v: {k: c[k] for k in ("ece", "mce", "n") if k in c} for v, c in ordered(calibration).items()},
-                                 caption="Next-token confidence, 15 bins"))
+        table_rows = {v: {k: c[k] for k in ("ece", "mce", "n") if k in c} for v, c in ordered(calibration).items()}
+        out.append(metrics_table(table_rows, caption="Next-token confidence, 15 bins"))
         panels["next-token confidence"] = {v: c["bins"] for v, c in ordered(calibration).items()}
     for name, by_variant in _task_results(inputs.get("tasks", {})).items():
         curves = {v: r["reliability"] for v, r in by_variant.items() if r.get("reliability")}
@@ -161,7 +162,8 @@ def _machine_line(speed: dict) -> str:
     load = m.get("load_average")
     parts = [f"Measured on <b>{esc(m.get('cpu', '?'))}</b>",
              f"{esc(m.get('cpus_usable', m.get('cpu_count', '?')))} CPUs usable",
-             f"<b>{esc(', '.join(map(str, threads)) or '?')} torch threads</b> (interop {esc(m.get('interop_threads', '?'))})",
+             f"<b>{esc(', '.join(map(str, threads)) or '?')} torch threads</b>"
+             f" (interop {esc(m.get('interop_threads', '?'))})",
              f"CUDA: {esc(m.get('cuda') or 'none')}", f"torch {esc(m.get('torch', '?'))}",
              f"transformers {esc(m.get('transformers', '?'))}"]
     if load:
@@ -178,23 +180,23 @@ def speed_section(speed: dict) -> str:
     rows = []
     for variant, res in results.items():
         for name, s in res.get("settings", {}).items():
-            rows.append([cell(variant), cell(name), f'<td class="num">{fmt(s["requests"])}</td>',
-                         *(f'<td class="num">{fmt(s[w].get(q), "ms")}</td>'
+            rows.append([cell(variant), cell(name), num(s["requests"]),
+                         *(num(s[w].get(q), "ms")
                            for w, qs in (("ttft_s", ("p50", "p95", "p99")), ("tpot_s", ("p50", "p95")),
                                          ("latency_s", ("min", "p50", "p95", "p99", "max"))) for q in qs),
-                         f'<td class="num">{fmt(s["tokens_per_s"])}</td>'])
+                         num(s["tokens_per_s"])])
     out = [_machine_line(speed), table(
         ["variant", "setting", "requests", "TTFT p50", "TTFT p95", "TTFT p99", "TPOT p50", "TPOT p95",
          "latency min", "latency p50", "latency p95", "latency p99", "latency max", "tokens/s"], rows)]
     ops = []
     for variant, res in results.items():
         size, cs, mem = res.get("size", {}), res.get("cold_start", {}), res.get("memory", {})
-        ops.append([cell(variant), f'<td class="num">{fmt(size.get("size_bytes"), "bytes")}</td>',
-                    f'<td class="num">{fmt(size.get("weights_bytes"), "bytes")}</td>',
-                    f'<td class="num">{fmt(cs.get("cold_start_s", {}).get("median"))}</td>',
-                    f'<td class="num">{fmt(cs.get("peak_rss_bytes"), "bytes")}</td>',
-                    f'<td class="num">{fmt(mem.get("peak_rss_bytes"), "bytes")}</td>',
-                    f'<td class="num">{fmt(mem.get("peak_cuda_bytes"), "bytes")}</td>'])
+        ops.append([cell(variant), num(size.get("size_bytes"), "bytes"),
+                    num(size.get("weights_bytes"), "bytes"),
+                    num(cs.get("cold_start_s", {}).get("median")),
+                    num(cs.get("peak_rss_bytes"), "bytes"),
+                    num(mem.get("peak_rss_bytes"), "bytes"),
+                    num(mem.get("peak_cuda_bytes"), "bytes")])
     out.append(table(["variant", "size on disk", "weights", "cold start (s, load to first token)",
                       "cold start peak RSS", "process peak RSS", "CUDA peak"], ops,
                      caption="Cold start: a fresh process loads the folder and produces one token; its peak RSS "
@@ -233,17 +235,17 @@ def robustness_section(robustness: dict) -> str:
     for variant, kinds in ordered(robustness).items():
         for kind, metrics in kinds.items():
             for metric, ch in metrics.items():
-                rows.append([cell(variant), cell(kind), cell(metric), f'<td class="num">{fmt(ch["before"])}</td>',
-                             f'<td class="num">{fmt(ch["after"])}</td>',
+                rows.append([cell(variant), cell(kind), cell(metric), num(ch["before"]),
+                             num(ch["after"]),
                              value_cell({"value": ch["change"], "interval": ch.get("interval")}),
-                             f'<td class="num">{fmt(ch.get("p_value"))}</td>', f'<td class="num">{fmt(ch.get("n"))}</td>'])
+                             num(ch.get("p_value")), num(ch.get("n"))])
     return table(["variant", "perturbation", "metric", "before", "after", "change", "p", "n"], rows,
                  caption="Each metric on perturbed copies of held-out rows against the same rows unperturbed")
 
 
 def review_section(review: dict) -> str:
     rows = [[cell(r["subject"]), cell(r["against"]), value_cell({"value": r["value"], "interval": r.get("interval")}),
-             *(f'<td class="num">{fmt(r.get(k))}</td>' for k in ("wins", "losses", "ties", "items", "ratings", "unrated"))]
+             *(num(r.get(k)) for k in ("wins", "losses", "ties", "items", "ratings", "unrated"))]
             for r in review.values()]
     return table(["variant", "against", "win rate", "wins", "losses", "ties", "items", "ratings", "unrated"], rows,
                  caption="Human ratings of paired samples, sides hidden; tie = half a win; interval over items")
@@ -255,11 +257,11 @@ def lmeval_section(inputs: dict) -> str:
     for variant, by_task in ordered(inputs["lmeval"]).items():
         for task, res in by_task.items():
             mine = ours.get(task, {}).get(variant, {}).get("metrics", {})
-            rows.append([cell(variant), cell(task), f'<td class="num">{fmt(res["metrics"]["accuracy"])}</td>',
-                         f'<td class="num">{fmt(mine.get("accuracy"))}</td>',
-                         f'<td class="num">{fmt(res["metrics"].get("accuracy_norm"))}</td>',
-                         f'<td class="num">{fmt(mine.get("accuracy_norm"))}</td>',
-                         f'<td class="num">{fmt(res["metrics"].get("n"))}</td>', cell(res.get("lm_eval_version", ""))])
+            rows.append([cell(variant), cell(task), num(res["metrics"]["accuracy"]),
+                         num(mine.get("accuracy")),
+                         num(res["metrics"].get("accuracy_norm")),
+                         num(mine.get("accuracy_norm")),
+                         num(res["metrics"].get("n")), cell(res.get("lm_eval_version", ""))])
     return table(["variant", "task", "lm-eval accuracy", "ours", "lm-eval acc_norm", "ours", "n", "lm-eval"], rows)
 
 
@@ -290,7 +292,7 @@ def card_section(card: str) -> str:
 
 
 def stages_section(manifest: dict) -> str:
-    rows = [[cell(n), cell(e.get("status", "")), f'<td class="num">{fmt(e.get("seconds"))}</td>']
+    rows = [[cell(n), cell(e.get("status", "")), num(e.get("seconds"))]
             for n, e in manifest.get("stages", {}).items()]
     return table(["stage", "status", "seconds"], rows) if rows else ""
 

@@ -49,6 +49,11 @@ def table(header: list[str], rows: list[list[str]], caption: str | None = None) 
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{cap}'
 
 
+def num(x, unit: str = "") -> str:
+    """A right-aligned number cell (see :func:`fmt`)."""
+    return f'<td class="num">{fmt(x, unit)}</td>'
+
+
 def cell(text, cls: str = "") -> str:
     return f'<td class="{cls}">{esc(text)}</td>' if cls else f"<td>{esc(text)}</td>"
 
