@@ -2,14 +2,17 @@
 
 Crash-safe: each shard is written under a temporary name, checksummed, renamed, and only then
 listed in the manifest (itself replaced atomically). A re-run with the same teacher, settings and
-blocks resumes after the last listed shard, so no example is missing or duplicated.
+blocks resumes after the last listed shard, so no example is missing or duplicated. With
+``repair=True`` it first re-captures the listed shards whose bytes no longer match the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,13 @@ import torch
 from distillery.io import atomic_write_bytes, atomic_write_json, read_json
 from distillery.signals.base import Signal, TeacherSignal, tail_mass
 from distillery.signals.store import (FORMAT_VERSION, HEADER, HEADER_SIZE, MAGIC, MANIFEST, LogitStore, StoreError,
-                                      dequantize_logprobs, quantize_logprobs)
+                                      check_manifest, dequantize_logprobs, quantize_logprobs)
+
+_log = logging.getLogger(__name__)
+
+# How far a repairing teacher's top log-prob and tail mass may be from an intact shard's: far above
+# the float noise of another thread count or machine (~1e-5), far below what another checkpoint gives.
+CANARY_TOLERANCE = 1e-3
 
 # Settings a resumed capture must share with the one that started the store.
 _RESUME_KEYS = ("teacher", "k", "temperature", "vocab_size", "id_dtype", "block_size", "planned_examples",
@@ -124,18 +133,73 @@ def _new_manifest(teacher: TeacherSignal, blocks: torch.Tensor, k: int, temperat
     }
 
 
-def _resume(out: Path, fresh: dict) -> dict:
-    if not (out / MANIFEST).is_file():
+def _resume(out: Path, fresh: dict, verb: str = "resume") -> dict:
+    mpath = out / MANIFEST
+    if not mpath.is_file():
         return fresh
-    old = read_json(out / MANIFEST)
-    if old.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{out / MANIFEST}: format_version {old.get('format_version')!r}; "
-                         f"remove the folder to capture again with version {FORMAT_VERSION}")
+    redo = "remove the folder (or use a new one) to capture again"
+    try:
+        old = read_json(mpath)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{mpath}: the manifest is not readable JSON ({e}); {redo}") from None
+    check_manifest(mpath, old)  # the wrong shape or format version is refused naming the keys
     for key in _RESUME_KEYS:
         if old.get(key) != fresh[key]:
-            raise StoreError(f"{out}: cannot resume: {key} differs from the existing store "
+            raise StoreError(f"{out}: cannot {verb}: {key} differs from the existing store "
                              f"({old.get(key)!r} vs {fresh[key]!r}); use a new folder or remove this one")
     return old
+
+
+def _check_same_teacher(teacher: TeacherSignal, blocks: torch.Tensor, out: Path, manifest: dict, intact: int,
+                        k: int, temperature: float) -> None:
+    """Re-run the teacher on the first example of an intact shard and compare with what is stored, so a
+    repair never mixes shards from two teachers that share a name (a folder whose weights changed)."""
+    store = LogitStore(out)
+    info = store.shards[intact]
+    stored = store.example(info.first_example)
+    x = blocks[info.first_example:info.first_example + 1]
+    _, lps, tails = _run_teacher(teacher, x, k, temperature, 1)
+    top_gap = float((lps[0, :, 0] - stored["topk_logprobs"][:, 0]).abs().max())
+    tail_gap = float((tails[0] - stored["tail_mass"]).abs().max())
+    if max(top_gap, tail_gap) > CANARY_TOLERANCE:
+        raise StoreError(
+            f"{out}: cannot repair: the teacher {manifest['teacher']['model_id']} no longer gives the outputs stored "
+            f"in the intact {info.file} (top log-prob differs by up to {top_gap:.3g}, tail mass by {tail_gap:.3g}); "
+            "a repaired store would mix two teachers. Restore the original teacher, or remove the store folder "
+            "and capture it again")
+
+
+def _repair(teacher: TeacherSignal, blocks: torch.Tensor, out: Path, manifest: dict, *, k: int, temperature: float,
+            batch_size: int, vdt: np.dtype, log: Callable[[str], None]) -> dict:
+    """Re-capture, in place, every listed shard whose file is missing or differs from the manifest."""
+    store = LogitStore(out)
+    bad = store.damaged()
+    if not bad:
+        log(f"capture: {out}: all {len(store.shards)} shards match their checksums; nothing to repair")
+        return manifest
+    bad_ids = {i for i, _ in bad}
+    intact = [i for i in range(len(store.shards)) if i not in bad_ids]
+    if intact:
+        _check_same_teacher(teacher, blocks, out, manifest, intact[0], k, temperature)
+    changed = []
+    for i, problem in bad:
+        info = manifest["shards"][i]
+        x = blocks[info["first_example"]:info["first_example"] + info["examples"]]
+        ids, lps, tails = _run_teacher(teacher, x, k, temperature, batch_size)
+        payload, _ = encode_shard(x, ids, lps, tails, vdt)
+        atomic_write_bytes(out / info["file"], payload)
+        digest = hashlib.sha256(payload).hexdigest()
+        same = digest == info["sha256"]
+        log(f"capture: repaired {out / info['file']} ({problem}); "
+            + ("the same bytes as captured" if same else "re-captured bytes differ slightly (float noise)"))
+        if not same:
+            info["sha256"], info["bytes"] = digest, len(payload)
+            changed.append(info["file"])
+    if changed:  # an unchanged manifest keeps everything downstream of the store up to date
+        manifest.setdefault("repairs", []).append(
+            {"shards": changed, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        atomic_write_json(out / MANIFEST, manifest)
+    return manifest
 
 
 @torch.no_grad()
@@ -151,8 +215,14 @@ def _run_teacher(teacher: TeacherSignal, blocks: torch.Tensor, k: int, temperatu
 
 def capture(teacher: TeacherSignal, blocks: torch.Tensor, out_dir: str | os.PathLike, *, k: int,
             temperature: float = 1.0, shard_tokens: int = 1 << 20, batch_size: int = 8,
-            vocab_size: int | None = None, progress: bool = True) -> LogitStore:
-    """Capture the teacher's top-k over ``blocks [N, T]`` into ``out_dir``; resumes a partial store."""
+            vocab_size: int | None = None, progress: bool = True, repair: bool = False,
+            log: Callable[[str], None] | None = None) -> LogitStore:
+    """Capture the teacher's top-k over ``blocks [N, T]`` into ``out_dir``; resumes a partial store.
+
+    ``repair=True`` (``distillery capture RECIPE --repair``) first re-captures exactly the listed
+    shards whose file is missing or whose sha256 differs from the manifest, after checking that the
+    teacher, settings and blocks are the store's and that the teacher reproduces an intact shard;
+    the manifest is rewritten atomically, and only when a shard's bytes changed."""
     if blocks.dim() != 2 or blocks.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"capture: blocks must be an [N, T] integer tensor, got {tuple(blocks.shape)} {blocks.dtype}")
     if k < 1:
@@ -169,8 +239,12 @@ def capture(teacher: TeacherSignal, blocks: torch.Tensor, out_dir: str | os.Path
     for stale in out.glob(".shard-*.tmp"):  # left by a killed run; never listed in the manifest
         stale.unlink()
     per_shard = max(1, shard_tokens // blocks.shape[1])
-    manifest = _resume(out, _new_manifest(teacher, blocks, k, temperature, vocab_size, per_shard))
+    manifest = _resume(out, _new_manifest(teacher, blocks, k, temperature, vocab_size, per_shard),
+                       "repair" if repair else "resume")
     vdt = id_dtype(vocab_size)
+    if repair and manifest["shards"]:
+        manifest = _repair(teacher, blocks, out, manifest, k=k, temperature=temperature, batch_size=batch_size,
+                           vdt=vdt, log=log or _log.info)
     start = manifest["examples"]
     bar = _progress(progress, blocks.shape[0], start)
     for first in range(start, blocks.shape[0], per_shard):

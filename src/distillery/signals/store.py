@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +41,17 @@ HEADER = struct.Struct("<8sIIIIII")  # magic, version, n, T, k, id itemsize, res
 HEADER_SIZE = 32
 MANIFEST = "manifest.json"
 CODE_LEVELS = 255
+
+
+# What every message about a damaged shard tells the user to do (the CLI's `capture --repair` calls
+# capture.capture(..., repair=True), which re-captures exactly the shards whose checksum fails).
+REPAIR_HINT = "repair it with `distillery capture RECIPE --repair` (re-captures only the damaged shards)"
+
+# Keys a manifest must have for the store to be read; a manifest without them is refused by name.
+MANIFEST_KEYS = ("format_version", "teacher", "k", "temperature", "vocab_size", "id_dtype", "block_size",
+                 "planned_examples", "examples_per_shard", "shards", "examples", "tokens")
+TEACHER_KEYS = ("model_id", "tokenizer_fingerprint")
+SHARD_KEYS = ("file", "first_example", "examples", "tokens", "bytes", "sha256")
 
 
 class StoreError(ValueError):
@@ -91,24 +103,120 @@ class ShardInfo:
     sha256: str
 
 
+# Shards whose bytes were hashed and matched the manifest in this process (inherited by forked
+# DataLoader workers), keyed by what changes when the file does: a rewritten or replaced shard is
+# hashed again, an untouched one only once however many LogitStore objects open it.
+_VERIFIED: set[tuple] = set()
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _stat_key(f: Path, info: ShardInfo) -> tuple:
+    st = f.stat()
+    return (str(f.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, info.sha256)
+
+
+def shard_problem(f: Path, info: ShardInfo) -> str | None:
+    """Why the shard file ``f`` does not hold the bytes the manifest recorded, or None when it does.
+    The sha256 is computed once per file version per process."""
+    if not f.is_file():
+        return "missing"
+    size = f.stat().st_size
+    if size != info.bytes:
+        return f"{size} bytes, the manifest recorded {info.bytes} (truncated or overwritten)"
+    key = _stat_key(f, info)
+    with _VERIFIED_LOCK:
+        if key in _VERIFIED:
+            return None
+    try:
+        digest = sha256_file(f)
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if digest != info.sha256:
+        return "sha256 mismatch (the file changed after capture: damaged)"
+    with _VERIFIED_LOCK:
+        _VERIFIED.add(key)
+    return None
+
+
+def resolve_store_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or ``path/logits`` when ``path`` is a run folder (what users pass to
+    ``distillery logits verify`` after a run); a run folder without a store is refused by name."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    run_folder = (path / "recipe.yaml").is_file()
+    if mpath.is_file() and not run_folder:
+        try:
+            run_folder = "stages" in read_json(mpath)
+        except (ValueError, TypeError, OSError):
+            run_folder = False
+    if not run_folder:
+        return path
+    if (path / "logits" / MANIFEST).is_file():
+        return path / "logits"
+    raise StoreError(f"{path} is a run folder, not a logit store, and it has none ({path / 'logits'} is missing); "
+                     "a recipe captures one with `capture:` and `distill.teacher_source: store` "
+                     "(`distillery capture RECIPE`)")
+
+
+def check_manifest(mpath: Path, m) -> None:
+    """Refuse a manifest of the wrong shape, naming every missing key, before anything indexes it."""
+    redo = f"remove {mpath.parent} and capture again (`distillery capture RECIPE`)"
+    if not isinstance(m, dict):
+        raise StoreError(f"{mpath}: not a logit store manifest (a JSON {type(m).__name__}, not an object); {redo}")
+    if "format_version" in m and m["format_version"] != FORMAT_VERSION:
+        raise StoreError(f"{mpath}: format_version {m['format_version']!r} is not supported "
+                         f"(this reader: {FORMAT_VERSION}); {redo}")
+    missing = [key for key in MANIFEST_KEYS if key not in m]
+    if isinstance(m.get("teacher"), dict):
+        missing += [f"teacher.{key}" for key in TEACHER_KEYS if key not in m["teacher"]]
+    elif "teacher" in m:
+        missing += [f"teacher.{key}" for key in TEACHER_KEYS]
+    if isinstance(m.get("shards"), list):
+        for i, sh in enumerate(m["shards"]):
+            if not isinstance(sh, dict):
+                missing.append(f"shards[{i}] (not an object)")
+                continue
+            missing += [f"shards[{i}].{key}" for key in SHARD_KEYS if key not in sh]
+    elif "shards" in m:
+        missing.append("shards (not a list)")
+    if missing:
+        raise StoreError(f"{mpath}: the manifest is damaged, missing {', '.join(missing)}; {redo}")
+    for i, sh in enumerate(m["shards"]):
+        name = sh["file"]
+        # A manifest names files inside its own folder only: never a path that reaches outside it.
+        if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+            raise StoreError(f"{mpath}: shards[{i}].file {name!r} is not a file name in the store folder; {redo}")
+
+
 class LogitStore:
     """Random access to a logit store by example index. Shards are memory-mapped lazily, per process,
-    so a store can be handed to DataLoader workers (each opens its own maps after the fork)."""
+    so a store can be handed to DataLoader workers (each opens its own maps after the fork).
+
+    Each shard's sha256 is checked against the manifest the first time it is opened (once per
+    process), so a shard damaged after capture is refused, naming the file and the repair command,
+    before any of its data is read. ``path`` may be a run folder; its ``logits/`` is opened."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = resolve_store_path(path)
         mpath = self.path / MANIFEST
         if not mpath.is_file():
-            raise StoreError(f"{self.path}: not a logit store (no {MANIFEST})")
-        self.manifest = read_json(mpath)
-        version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{mpath}: format_version {version!r} is not supported (this reader: {FORMAT_VERSION})")
-        self.shards = [ShardInfo(**s) for s in self.manifest["shards"]]
+            raise StoreError(f"{self.path}: not a logit store (no {MANIFEST}); pass the store folder "
+                             "(runs/NAME/logits) or the run folder that holds it")
+        try:
+            self.manifest = read_json(mpath)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"{mpath}: the manifest is not readable JSON ({e}); remove {self.path} and capture "
+                             "again (`distillery capture RECIPE`)") from None
+        check_manifest(mpath, self.manifest)
+        try:
+            self.shards = [ShardInfo(**{key: s[key] for key in SHARD_KEYS}) for s in self.manifest["shards"]]
+            self.block_size = int(self.manifest["block_size"])
+            self.k = int(self.manifest["k"])
+            self.vocab_dtype = np.dtype(self.manifest["id_dtype"])
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{mpath}: a field has the wrong type ({e}); remove {self.path} and capture "
+                             "again") from None
         self._starts = [s.first_example for s in self.shards]
-        self.block_size = int(self.manifest["block_size"])
-        self.k = int(self.manifest["k"])
-        self.vocab_dtype = np.dtype(self.manifest["id_dtype"])
         self._maps: dict[int, dict[str, np.ndarray]] = {}
         self._pid = os.getpid()
 
@@ -132,19 +240,22 @@ class LogitStore:
         self.identity.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint, k=k, temperature=temperature,
                                        what=f"logit store {self.path}")
 
+    def damaged(self) -> list[tuple[int, str]]:
+        """(shard index, what is wrong) for every shard whose file is missing or differs from the manifest."""
+        out = []
+        for i, s in enumerate(self.shards):
+            problem = shard_problem(self.path / s.file, s)
+            if problem is not None:
+                out.append((i, problem))
+        return out
+
     def verify(self) -> None:
-        """Check every shard's size and sha256 against the manifest; raise naming the first bad shard."""
-        bad = []
-        for s in self.shards:
-            f = self.path / s.file
-            if not f.is_file():
-                bad.append(f"{s.file}: missing")
-            elif f.stat().st_size != s.bytes:
-                bad.append(f"{s.file}: {f.stat().st_size} bytes, manifest says {s.bytes}")
-            elif sha256_file(f) != s.sha256:
-                bad.append(f"{s.file}: sha256 mismatch (corrupted)")
+        """Check every shard's size and sha256 against the manifest; raise naming every bad shard and
+        the repair command."""
+        bad = self.damaged()
         if bad:
-            raise StoreError(f"logit store {self.path}: " + "; ".join(bad))
+            what = "; ".join(f"{self.path / self.shards[i].file}: {problem}" for i, problem in bad)
+            raise StoreError(f"logit store {self.path}: {what}; {REPAIR_HINT}")
 
     def _shard(self, i: int) -> dict[str, np.ndarray]:
         if self._pid != os.getpid():  # forked into a worker: maps are not shared across processes
@@ -152,12 +263,18 @@ class LogitStore:
         if i not in self._maps:
             s = self.shards[i]
             f = self.path / s.file
+            problem = shard_problem(f, s)  # before any byte of it is handed to training
+            if problem is not None:
+                raise StoreError(f"{f}: {problem}; {REPAIR_HINT}")
             layout = shard_layout(s.examples, self.block_size, self.k, self.vocab_dtype)
             if f.stat().st_size != layout["_size"][0]:
-                raise StoreError(f"{f}: {f.stat().st_size} bytes, expected {layout['_size'][0]} (truncated?)")
-            magic, version, n, t, k, isz, _ = HEADER.unpack(f.open("rb").read(HEADER.size))
+                raise StoreError(f"{f}: {f.stat().st_size} bytes, expected {layout['_size'][0]} for "
+                                 f"{s.examples} examples (the manifest does not match this shard); {REPAIR_HINT}")
+            with f.open("rb") as fh:
+                magic, version, n, t, k, isz, _ = HEADER.unpack(fh.read(HEADER.size))
             if magic != MAGIC or version != FORMAT_VERSION or (n, t, k) != (s.examples, self.block_size, self.k):
-                raise StoreError(f"{f}: header does not match the manifest (magic {magic!r}, n/T/k {n}/{t}/{k})")
+                raise StoreError(f"{f}: header does not match the manifest (magic {magic!r}, n/T/k {n}/{t}/{k}); "
+                                 f"{REPAIR_HINT}")
             self._maps[i] = {name: np.memmap(f, dtype=dt, mode="r", offset=off, shape=shape)
                              for name, (off, dt, shape) in layout.items() if name != "_size"}
         return self._maps[i]
@@ -277,14 +394,14 @@ def inspect(path: str | os.PathLike) -> str:
     m = store.manifest
     tokens = m["tokens"]
     size = store.bytes_on_disk()
-    q = m.get("quantization_error", {})
+    q = m.get("quantization_error") or {}
     lines = [
         f"logit store      {store.path}",
         f"format version   {m['format_version']}",
         f"teacher          {m['teacher']['model_id']}",
         f"tokenizer        {m['teacher']['tokenizer_fingerprint'][:16]}",
         f"k / temperature  {m['k']} / {m['temperature']}",
-        f"dtypes           ids {m['id_dtype']}, log-probs {m['logprob_encoding']}",
+        f"dtypes           ids {m['id_dtype']}, log-probs {m.get('logprob_encoding', '?')}",
         f"examples         {len(store)} of {m['planned_examples']} x {m['block_size']} tokens"
         f" ({'complete' if store.complete else 'incomplete'})",
         f"tokens           {tokens}",
@@ -292,7 +409,9 @@ def inspect(path: str | os.PathLike) -> str:
         f"size             {size:,} bytes, {size / max(tokens, 1):.1f} bytes/token"
         f" (dense fp32: {4 * m['vocab_size']:,})",
     ]
-    if q:
+    if isinstance(q, dict) and all(key in q for key in ("mean_abs_logprob", "max_abs_logprob", "mean_kl")):
         lines.append(f"quantisation     mean |d log p| {q['mean_abs_logprob']:.2e}, max {q['max_abs_logprob']:.2e}, "
                      f"KL(exact||stored) {q['mean_kl']:.2e} nats/token")
+    for r in m.get("repairs") or []:
+        lines.append(f"repaired         {', '.join(r.get('shards', []))} at {r.get('at', '?')}")
     return "\n".join(lines)
