@@ -247,3 +247,108 @@ async def _replay(body: dict, call: str, include_usage: bool) -> AsyncIterator[d
         yield {**base, "choices": [last]}
     if include_usage:
         yield {**base, "choices": [], "usage": body["usage"]}
+
+
+# ---------------------------------------------------------------- calibration run
+
+
+METRICS = ("rouge_l", "exact_match", "token_f1")
+
+
+def score_answers(predictions: list[str], references: list[str], metric: str) -> list[float]:
+    """Per-answer quality on a 0-1 scale (``distillery.evaluate.text``)."""
+    from distillery.evaluate import text
+
+    if metric == "rouge_l":
+        return text.rouge_l(predictions, references)
+    if metric == "exact_match":
+        return [text.exact_match(p, r) for p, r in zip(predictions, references, strict=True)]
+    if metric == "token_f1":
+        return [text.token_f1(p, r) for p, r in zip(predictions, references, strict=True)]
+    raise ValueError(f"route calibrate: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+
+
+async def collect_answers(backend, prompts: list[str], *, chat: bool = True, max_tokens: int = 64,
+                          want_scores: bool = False, concurrency: int = 8) -> list[dict]:
+    """Greedy answers of ``backend`` to ``prompts``: ``{"text", "steps", "prompt_tokens"}`` each, at most
+    ``concurrency`` requests in flight (a local backend batches them)."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(p: str) -> dict:
+        async with sem:
+            ctx = Ctx(route="calibration", want_scores=want_scores)
+            if chat:
+                body = await backend.chat(ChatRequest(model=backend.name, messages=[{"role": "user", "content": p}],
+                                                      max_tokens=max_tokens, temperature=0), ctx)
+                text = body["choices"][0]["message"]["content"]
+            else:
+                body = await backend.completions(CompletionRequest(model=backend.name, prompt=p, max_tokens=max_tokens,
+                                                                   temperature=0), ctx)
+                text = body["choices"][0]["text"]
+            return {"text": text, "steps": body["choices"][0].get("_steps"),
+                    "prompt_tokens": body["usage"]["prompt_tokens"]}
+
+    return list(await asyncio.gather(*[one(p) for p in prompts]))
+
+
+def calibrate(student, teacher, prompts: list[str], **kwargs) -> Calibration:
+    """:func:`acalibrate` run to completion (from code that is not already in an event loop)."""
+    return asyncio.run(acalibrate(student, teacher, prompts, **kwargs))
+
+
+async def acalibrate(student, teacher, prompts: list[str], *, references: list[str] | None = None,
+                     score: str = "geo_mean_prob", target: float = 0.95, metric: str = "rouge_l", chat: bool = True,
+                     max_tokens: int = 64, concurrency: int = 8, out=None) -> Calibration:
+    """Calibrate the cascade of two backends on held-out ``prompts`` (see serve/calibration.py).
+
+    Without ``references`` a student answer's quality is its agreement (``metric``) with the teacher's
+    answer, and the teacher's is 1; with them, both are scored against the references. Writes the
+    calibration to ``out`` (atomically) when given."""
+    if not prompts:
+        raise ValueError("route calibrate: no prompts")
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"route calibrate: {len(prompts)} prompts but {len(references)} references")
+    if metric not in METRICS:
+        raise ValueError(f"route calibrate: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    for b in (student, teacher):
+        b.start()
+
+    s_ans, t_ans = await asyncio.gather(
+        collect_answers(student, prompts, chat=chat, max_tokens=max_tokens, want_scores=True, concurrency=concurrency),
+        collect_answers(teacher, prompts, chat=chat, max_tokens=max_tokens, concurrency=concurrency))
+    s_text, t_text = [a["text"] for a in s_ans], [a["text"] for a in t_ans]
+    if references is None:
+        sq, tq = score_answers(s_text, t_text, metric), None
+    else:
+        sq, tq = score_answers(s_text, references, metric), score_answers(t_text, references, metric)
+    conf = [confidence(a["steps"] or {}, score) for a in s_ans]
+    cal = Calibration.fit(conf, sq, tq, score=score, target=target,
+                          metric=metric + ("" if references is None else " vs references"),
+                          prompt_tokens=[a["prompt_tokens"] for a in s_ans], student=student.name,
+                          teacher=teacher.name)
+    if out is not None:
+        cal.save(out)
+    return cal
+
+
+def calibrate_config(config, prompts: list[str], *, out, preloaded: dict | None = None, **kwargs) -> Calibration:
+    """``calibrate`` for the router of a :class:`ServeConfig` (its student, teacher and score), what
+    ``distillery route calibrate`` runs; ``kwargs`` go to :func:`calibrate`."""
+    from distillery.serve.backends import build_backend
+
+    if config.router is None:
+        raise ValueError("route calibrate: the serve config has no router (router.student, router.teacher)")
+    metrics = ServeMetrics()
+    by_name = {m.name: m for m in config.models}
+    student, teacher = (build_backend(by_name[n], limits=config.limits, metrics=metrics,
+                                      preloaded=(preloaded or {}).get(n))
+                        for n in (config.router.student, config.router.teacher))
+
+    async def run() -> Calibration:
+        try:
+            return await acalibrate(student, teacher, prompts, score=config.router.score, out=out, **kwargs)
+        finally:
+            for b in (student, teacher):
+                await b.aclose()
+
+    return asyncio.run(run())
