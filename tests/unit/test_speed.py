@@ -121,3 +121,32 @@ def test_cold_start_in_a_fresh_process(tmp_path, model, tiny_tokenizer):
     assert run["import_s"] > 0 and res["peak_rss_bytes"] > 50 * 2**20  # torch alone is more than that
     with pytest.raises(SpeedError, match="cold start of .* failed"):
         cold_start(tmp_path / "missing")
+
+
+def test_measure_variants_as_the_evaluate_stage_calls_it(tmp_path, model, tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from distillery.evaluate.speed import base_setting, default_prompts, measure_variants
+
+    student = tiny_llama(layers=1, seed=3)
+    student.save_pretrained(tmp_path / "student")
+    tiny_tokenizer.save_pretrained(tmp_path / "student")
+    cfg = SimpleNamespace(requests=4, new_tokens=2, concurrency=[4, 2], sampling=False)
+    logs = []
+    res = measure_variants({"teacher": model, "student": student}, tiny_tokenizer, cfg, run=tmp_path, warmup=0,
+                           log=logs.append)
+    assert json.loads(json.dumps(res)) == res
+    for name, r in res.items():
+        assert set(r["settings"]) == {"c4_greedy", "c2_greedy"}  # sampling off
+        # the unsuffixed metrics come from greedy at the lowest concurrency, and the file names it
+        assert r["base_setting"] == base_setting(r) == "c2_greedy"
+        assert r["metrics"]["latency_p99"] == r["settings"]["c2_greedy"]["latency_s"]["p99"]
+        assert r["settings"]["c4_greedy"]["requests"] == 4 and r["settings"]["c2_greedy"]["output_tokens"] == 8
+    # only the student has a folder in the run: size on disk and a cold start through the variant loader
+    assert "size" not in res["teacher"] and "cold_start" not in res["teacher"]
+    assert res["student"]["metrics"]["size_bytes"] == folder_size(tmp_path / "student")["size_bytes"]
+    assert res["student"]["cold_start"]["loader"] == "distillery.compress.variants:load_variant"
+    assert res["student"]["metrics"]["cold_start_s"] > 0
+    assert len(logs) == 2 and logs[1].startswith("speed: student")
+    prompts = default_prompts(tiny_tokenizer, n=6)
+    assert len(prompts) == 6 and prompts[0].endswith("Reply with the number only.")  # no chat template here

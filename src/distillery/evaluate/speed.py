@@ -53,6 +53,8 @@ from transformers.generation.streamers import BaseStreamer
 CONCURRENCY = (1, 4, 8)
 DECODING = ("greedy", "sampling")
 DEFAULT_LOADER = "transformers:AutoModelForCausalLM.from_pretrained"
+# any folder a run writes, in the numeric format it was saved in (plain, factored or quantized)
+VARIANT_LOADER = "distillery.compress.variants:load_variant"
 PERCENTILES = (50, 95, 99)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -207,7 +209,8 @@ def measure_speed(model, tokenizer, prompts: list[str], *, concurrency=CONCURREN
                   requests: int = 20, warmup: int = 2, max_new_tokens: int = 32, ignore_eos: bool = True,
                   sampling: dict | None = None, seed: int = 0) -> dict:
     """Every setting (concurrency x decoding) of one model held in memory, as it is (float or
-    quantized). Returns ``{"machine", "config", "settings": {"c1_greedy": ..., ...}, "memory"}``."""
+    quantized). Returns ``{"machine", "config", "settings": {"c1_greedy": ..., ...}, "memory",
+    "base_setting"}``."""
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -225,7 +228,9 @@ def measure_speed(model, tokenizer, prompts: list[str], *, concurrency=CONCURREN
     config = {"concurrency": list(concurrency), "decoding": list(decoding), "requests": requests, "warmup": warmup,
               "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos, "prompts": len(prompts),
               "sampling": sampling or {"temperature": 0.7, "top_p": 0.95}, "seed": seed, "device": str(dev)}
-    return {"machine": machine_info(), "config": config, "settings": settings, "memory": memory_info(dev)}
+    out = {"machine": machine_info(), "config": config, "settings": settings, "memory": memory_info(dev)}
+    out["base_setting"] = base_setting(out)  # named in the file, so readers need not know the rule
+    return out
 
 
 def memory_info(device: torch.device | str | None = None) -> dict:
@@ -337,16 +342,71 @@ def measure_folder(folder: str | os.PathLike, prompts: list[str], *, loader: str
     return out
 
 
+def default_prompts(tokenizer, n: int = 16, seed: int = 0) -> list[str]:
+    """Short requests as a served instruct model receives them: the package's checkable prompts
+    (arithmetic, copy, format; data/prompts.py) through the tokenizer's chat template, if it has one."""
+    from distillery.data.prompts import make_tasks, render
+
+    return [render(p, tokenizer, chat=True) for p in make_tasks(n, ["arithmetic", "copy", "format"], seed)]
+
+
+def _variant_folder(run: Path, name: str) -> Path:
+    # the run folder's layout (docs/pipeline.md): student_init/, student/, compressed/NAME/
+    return run / (name if name in ("student_init", "student") else f"compressed/{name}")
+
+
+def measure_variants(models: dict, tokenizer, cfg=None, *, prompts: list[str] | None = None,
+                     run: str | os.PathLike | None = None, folders: dict | None = None,
+                     loader: str = VARIANT_LOADER, warmup: int = 2, seed: int = 0, log=None) -> dict:
+    """:func:`measure_speed` of every variant held in memory, plus size on disk and cold start of
+    those with a folder, and ``metrics`` (:func:`speed_metrics`) for the gate: ``{variant: result}``,
+    what ``eval/speed.json`` holds.
+
+    ``cfg`` is the recipe's ``evaluate.speed`` (``requests``, ``new_tokens``, ``concurrency``,
+    ``sampling``: also time sampled decoding; ``cold_start``, default True); None means this module's
+    defaults. A variant's folder is ``folders[variant]``, else (with ``run``) ``run/student_init``,
+    ``run/student`` or ``run/compressed/<variant>`` when it exists; the teacher has one only if
+    ``folders`` names it. ``prompts`` default to :func:`default_prompts`."""
+    requests = getattr(cfg, "requests", 20)
+    kwargs = {"concurrency": tuple(getattr(cfg, "concurrency", CONCURRENCY)),
+              "decoding": DECODING if getattr(cfg, "sampling", True) else ("greedy",),
+              "requests": requests, "warmup": warmup, "max_new_tokens": getattr(cfg, "new_tokens", 32), "seed": seed}
+    prompts = prompts or default_prompts(tokenizer, n=max(8, min(requests, 32)), seed=seed)
+    folders = dict(folders or {})
+    out = {}
+    for name, model in models.items():
+        result = measure_speed(model, tokenizer, prompts, **kwargs)
+        folder = folders.get(name) or (_variant_folder(Path(run), name) if run is not None else None)
+        if folder is not None and Path(folder).is_dir():
+            result["size"] = folder_size(folder)
+            if getattr(cfg, "cold_start", True):
+                result["cold_start"] = cold_start(folder, prompts[0], loader=loader)
+        result["metrics"] = speed_metrics(result)
+        if log is not None and base_setting(result):
+            m = result["metrics"]
+            log(f"speed: {name:13s} {base_setting(result)}: latency p50 {1000 * m['latency_p50']:.1f} ms, "
+                f"p99 {1000 * m['latency_p99']:.1f} ms, {m['tokens_per_s']:.1f} tokens/s")
+        out[name] = result
+    return out
+
+
+def base_setting(result: dict) -> str | None:
+    """The setting a variant's unsuffixed speed metrics come from: greedy at the lowest concurrency."""
+    greedy = [(s["concurrency"], name) for name, s in result.get("settings", {}).items() if s["decoding"] == "greedy"]
+    return min(greedy)[1] if greedy else None
+
+
 def speed_metrics(result: dict) -> dict[str, float]:
     """Flat metric names for the gate and the report from one variant's result.
 
     Each setting gives ``{ttft,tpot,latency}_{p50,p95,p99}_<setting>`` and ``tokens_per_s_<setting>``;
-    concurrency 1 with greedy decoding also gives them without the suffix (``latency_p99``). Plus
-    ``size_bytes``, ``weights_bytes``, ``cold_start_s``, ``peak_rss_bytes`` (the cold start's) and
-    ``peak_cuda_bytes`` where present."""
+    the base setting (:func:`base_setting`: greedy at the lowest concurrency, normally 1) also gives
+    them without the suffix (``latency_p99``). Plus ``size_bytes``, ``weights_bytes``,
+    ``cold_start_s``, ``peak_rss_bytes`` (the cold start's) and ``peak_cuda_bytes`` where present."""
     out: dict[str, float] = {}
+    base = base_setting(result)
     for name, s in result.get("settings", {}).items():
-        suffixes = [f"_{name}"] + ([""] if name == setting_name(1, "greedy") else [])
+        suffixes = [f"_{name}"] + ([""] if name == base else [])
         for suffix in suffixes:
             for what in ("ttft", "tpot", "latency"):
                 for q in PERCENTILES:

@@ -154,8 +154,7 @@ def calibration_section(inputs: dict) -> str:
     return "".join(out) + figures(plots.reliability(panels), "reliability diagrams")
 
 
-def _machine_line(speed: dict) -> str:
-    results = speed["variants"]
+def _machine_line(results: dict) -> str:
     first = next(iter(results.values()))
     m, cfg = first.get("machine", {}), first.get("config", {})
     threads = sorted({r.get("machine", {}).get("threads") for r in results.values()} - {None})
@@ -176,7 +175,7 @@ def _machine_line(speed: dict) -> str:
 
 
 def speed_section(speed: dict) -> str:
-    results = ordered(speed["variants"])
+    results = ordered(speed)
     rows = []
     for variant, res in results.items():
         for name, s in res.get("settings", {}).items():
@@ -185,7 +184,7 @@ def speed_section(speed: dict) -> str:
                            for w, qs in (("ttft_s", ("p50", "p95", "p99")), ("tpot_s", ("p50", "p95")),
                                          ("latency_s", ("min", "p50", "p95", "p99", "max"))) for q in qs),
                          num(s["tokens_per_s"])])
-    out = [_machine_line(speed), table(
+    out = [_machine_line(results), table(
         ["variant", "setting", "requests", "TTFT p50", "TTFT p95", "TTFT p99", "TPOT p50", "TPOT p95",
          "latency min", "latency p50", "latency p95", "latency p99", "latency max", "tokens/s"], rows)]
     ops = []
@@ -208,10 +207,12 @@ def speed_section(speed: dict) -> str:
 
 
 def pareto_section(inputs: dict) -> str:
-    speed = ordered(inputs["speed"]["variants"])
+    speed = ordered(inputs["speed"])
     quality = variant_metrics(inputs)
-    latency = {v: r["settings"]["c1_greedy"]["latency_s"]["p50"] * 1000 for v, r in speed.items()
-               if "c1_greedy" in r.get("settings", {})}
+    # each variant's base setting (greedy at its lowest concurrency) is named in the file
+    base = {v: r["settings"][r["base_setting"]] for v, r in speed.items() if r.get("base_setting")}
+    latency = {v: s["latency_s"]["p50"] * 1000 for v, s in base.items()}
+    levels = sorted({s["concurrency"] for s in base.values()})
     size = {v: r["size"]["size_bytes"] / 2**20 for v, r in speed.items() if "size" in r}
     for metric in QUALITY:
         have = {v: plots.number(m.get(metric)) for v, m in quality.items() if plots.number(m.get(metric)) is not None}
@@ -219,7 +220,8 @@ def pareto_section(inputs: dict) -> str:
             break
     else:
         return ""
-    charts = [("Quality vs latency", "request latency p50, concurrency 1, greedy (ms)",
+    where = f"concurrency {', '.join(map(str, levels))}, greedy"
+    charts = [("Quality vs latency", f"request latency p50, {where} (ms)",
                {v: (latency[v], have[v]) for v in have if v in latency}),
               ("Quality vs size", "size on disk (MB)", {v: (size[v], have[v]) for v in have if v in size})]
     chart = plots.pareto(charts, metric, higher_is_better(metric))
