@@ -31,10 +31,18 @@ def _os_error(e: OSError) -> str:
 
 
 def _recipe(path: Path, sets: list[str] | None):
+    """The recipe, validated, including what needs more than the recipe itself (gate rules against the
+    metrics, variants and slices its evaluation will produce)."""
+    from distillery.gate import recipe_problems
+
     try:
-        return load_recipe(path, sets)
+        recipe = load_recipe(path, sets)
+        problems = recipe_problems(recipe)
     except RecipeError as e:
         _fail(str(e))
+    if problems:
+        _fail("\n".join(f"{path}: {p}" for p in problems))
+    return recipe
 
 
 def _stages(path: Path, sets, names: list[str] | None, force: bool):
@@ -53,6 +61,16 @@ def _stages(path: Path, sets, names: list[str] | None, force: bool):
     typer.echo(f"done in {time.perf_counter() - t0:.0f}s -> {recipe.run_path}")
     if line and (names is None or "evaluate" in names):
         typer.echo(line)
+    gate = recipe.run_path / "gate.json"
+    if recipe.gate.rules and (names is None or "gate" in names) and gate.is_file():
+        from distillery.io import read_json
+
+        verdict = read_json(gate)
+        if verdict.get("exit_code"):
+            failed = [r["rule"] for r in verdict.get("rules", []) if r.get("verdict") != "pass"]
+            typer.secho(f"gate: FAILED for {recipe.gated()}: {'; '.join(failed)}", fg="red", err=True)
+            raise typer.Exit(verdict["exit_code"])
+        typer.echo(f"gate: passed for {recipe.gated()} ({len(verdict.get('rules', []))} rules)")
 
 
 @app.command()
@@ -79,10 +97,84 @@ def _stage_command(name: str, stages: list[str], doc: str):
 
 _stage_command("generate", ["generate"], "Generate, score and curate teacher data (resumable, cached).")
 _stage_command("prepare", ["data", "student_init"], "Tokenise the data and build the initial student.")
-_stage_command("capture", ["capture"], "Capture the teacher's top-k log-probs into the logit store.")
+
+
+@app.command("capture")
+def capture_cmd(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
+                force: bool = typer.Option(False, help="re-run even when complete"),
+                repair: bool = typer.Option(False, help="re-capture the shards whose checksum fails (a store "
+                                            "damaged after capture), keeping the rest")):
+    """Capture the teacher's top-k log-probs into the logit store (resumable; --repair mends damaged shards)."""
+    _stages(recipe, set, ["capture"], force or repair)
+
+
 _stage_command("distill", ["distill"], "Distil the student (resumes from the last checkpoint).")
-_stage_command("evaluate", ["evaluate"], "Evaluate teacher, initial student and distilled student.")
+_stage_command("compress", ["compress"], "Make each compress variant (prune, lowrank, redistill, quantize).")
+_stage_command("evaluate", ["evaluate"], "Evaluate every variant (teacher, students, compressed variants).")
 _stage_command("report", ["report"], "Write report.html.")
+
+
+@app.command()
+def gate(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
+         variant: Optional[str] = typer.Option(None, help="judge this variant instead of the recipe's "
+                                               "(gate.variant); writes gate-VARIANT.json, the run is untouched")):
+    """Check the recipe's release rules: exit 0 when every rule passes, 1 when one fails, 2 for a bad rule."""
+    from distillery.gate import exit_code, format_table
+
+    r = _recipe(recipe, set)
+    if not r.gate.rules:
+        _fail(f"{recipe}: gate.rules: no rules to check")
+    if variant is None:
+        _stages(recipe, set, ["gate"], False)
+        return
+    if variant not in r.evaluated():
+        _fail(f"--variant {variant}: not evaluated by this recipe ({', '.join(r.evaluated())})")
+    from distillery.pipeline import judge
+
+    try:
+        results = judge(r, r.run_path, variant, r.run_path / f"gate-{variant}.json")
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(format_table(results))
+    code = exit_code(results)
+    typer.echo(f"gate: {'passed' if code == 0 else 'FAILED'} for {variant}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def export(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
+           variant: str = typer.Option("student", help="student, or a compress variant by name"),
+           format: str = typer.Option("gguf", help="gguf (llama.cpp, Ollama, LM Studio) or hf (a plain folder)"),
+           gguf_type: str = typer.Option("Q8_0", help="gguf: F32, F16, Q8_0 or Q4_0"),
+           out: Optional[Path] = typer.Option(None, help="default: <run>/export/VARIANT.gguf or .../VARIANT/")):
+    """Export a variant for serving: a GGUF file, or a plain Hugging Face folder."""
+    from distillery.pipeline import variant_folder
+
+    r = _recipe(recipe, set)
+    if variant not in r.variant_names() or variant == "teacher":
+        _fail(f"--variant {variant}: not a student variant of this recipe ({', '.join(r.variant_names()[1:])})")
+    folder = variant_folder(r.run_path, variant)
+    if not (folder / "config.json").is_file():
+        _fail(f"{folder}: not made yet; run `distillery run {recipe}` first")
+    try:
+        if format == "gguf":
+            from distillery.compress.gguf_export import export_gguf_folder
+
+            target = out or r.run_path / "export" / f"{variant}.{gguf_type.lower()}.gguf"
+            export_gguf_folder(folder, target, gguf_type)
+        elif format == "hf":
+            from distillery.compress.variants import load_variant, save_variant
+            from distillery.models.load import load_tokenizer
+
+            target = out or r.run_path / "export" / variant
+            save_variant(load_variant(folder), target, load_tokenizer(str(folder)))
+        else:
+            _fail(f"--format {format}: expected gguf or hf")
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(_os_error(e))
+    typer.echo(f"exported {variant} -> {target}")
 
 
 @app.command()
@@ -177,7 +269,7 @@ def doctor(cache: Optional[Path] = typer.Option(None, help="cache folder (defaul
     """What this machine has: torch, devices, threads, cache folder, the builtin teacher."""
     import torch
 
-    from distillery.models.load import BUILTINS, builtin_gguf, cache_dir
+    from distillery.models.load import cache_dir, check_builtins
 
     typer.echo(f"python        {sys.version.split()[0]}")
     typer.echo(f"torch         {torch.__version__} (threads {torch.get_num_threads()}, cpus {os.cpu_count()})")
@@ -190,13 +282,9 @@ def doctor(cache: Optional[Path] = typer.Option(None, help="cache folder (defaul
         typer.echo("cuda          not available (CPU, float32)")
     c = cache_dir(cache)
     typer.echo(f"cache         {c}")
-    for name in BUILTINS:
-        try:
-            gguf = builtin_gguf(name)
-            state = "materialised" if (c / "models" / name / ".complete").is_file() else "not yet converted"
-            typer.echo(f"teacher       builtin:{name}: {gguf.name} installed, {state}")
-        except Exception as e:  # noqa: BLE001
-            typer.echo(f"teacher       builtin:{name}: {e}")
+    ok, lines = check_builtins(cache)
+    for line in lines:
+        typer.echo(f"teacher       {line}")
     from distillery.data.sources import DataError, austen_dir, gensim_data_dir
 
     for label, fn in (("corpus        austen", lambda: austen_dir(cache)), ("corpus        gensim", gensim_data_dir)):
@@ -204,6 +292,9 @@ def doctor(cache: Optional[Path] = typer.Option(None, help="cache folder (defaul
             typer.echo(f"{label}: {fn()}")
         except DataError as e:
             typer.echo(f"{label}: {e}")
+    if not ok:
+        _fail("a cached conversion of a builtin teacher is damaged (above); it is re-converted from its GGUF "
+              "on next use, or delete the folder named")
 
 
 def main():

@@ -343,3 +343,45 @@ def format_table(results: list[dict]) -> str:
                      num(r.get("p_value"))))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+# ---------------------------------------------------------------- a recipe's rules
+
+
+def known_metrics(e) -> list[str]:
+    """The metric names an evaluation with these settings (``EvaluateConfig``) produces."""
+    names = ["perplexity", "nll", "kl_to_teacher", "top1_agreement"]
+    if e.calibration:
+        names += ["ece", "mce"]
+    kinds = {t.name for t in e.tasks}
+    if kinds & {"sentiment", "analogies"}:
+        names += ["accuracy", "accuracy_norm", "answer_ece", "answer_mce"]
+    if "arithmetic" in kinds:
+        names += ["exact_match", "token_f1"]
+    if e.speed is not None:
+        from distillery.evaluate.speed import METRIC_NAMES
+
+        names += list(METRIC_NAMES)
+    return names
+
+
+def known_slices(e) -> list[str]:
+    """Slice names rules may use: the text slices, and each task's name and its examples' tags (the
+    builders need no model, so the tags are known before anything runs)."""
+    from distillery.evaluate.suite import task_size
+    from distillery.evaluate.task_builders import BUILDERS
+
+    out = list(e.slices)
+    for t in e.tasks:
+        rows = BUILDERS[t.name](None, seed=t.seed, **task_size(t))
+        out += [t.name, *{tag for row in rows for tag in row.get("tags", [])}]
+    return out
+
+
+def recipe_problems(recipe) -> list[str]:
+    """Every gate rule of a recipe checked against the metrics, variants and slices its evaluation will
+    produce, one line per problem naming ``gate.rules[i]``."""
+    if not recipe.gate.rules:
+        return []
+    return [f"gate.{p}" for p in check_rules(recipe.gate.rules, known_metrics(recipe.evaluate), recipe.evaluated(),
+                                             known_slices(recipe.evaluate))]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +36,7 @@ class Context:
     input_hash: str = ""
     rank: int = 0
     world_size: int = 1
+    upstream: dict = field(default_factory=dict)  # stage -> digest of what it wrote (manifest)
     _teacher: object = None
     _blocks: tuple[Examples, Examples] | None = None
 
@@ -163,9 +164,10 @@ def stage_capture(ctx: Context) -> list[str]:
 
     r, teacher = ctx.recipe, ctx.teacher()
     signal = OnlineTeacher(teacher.model, model_id=teacher.source, tokenizer_fingerprint=teacher.fingerprint)
+    # repair: shards whose checksum fails (damaged after capture) are captured again, the rest kept.
     store = capture(signal, ctx.blocks()[0]["input_ids"], ctx.run / "logits",
                     k=r.capture.k, temperature=r.capture.temperature, shard_tokens=r.capture.shard_tokens,
-                    batch_size=r.capture.batch_size, progress=ctx.progress)
+                    batch_size=r.capture.batch_size, progress=ctx.progress, repair=True, log=ctx.log)
     store.verify()
     ctx.log(f"capture: {store.manifest['tokens']} tokens, {store.bytes_on_disk() / store.manifest['tokens']:.0f} "
             f"bytes/token at k={r.capture.k}")
@@ -324,40 +326,62 @@ def _export_student(ctx: Context, student) -> None:
     barrier()
 
 
-def stage_evaluate(ctx: Context) -> list[str]:
-    from transformers import AutoModelForCausalLM
+def stage_compress(ctx: Context) -> list[str]:
+    """Each ``compress`` variant: a chain of prune / lowrank / redistill / quantize steps from the distilled
+    student or another variant, with the teacher recovering quality (compress/chain.py)."""
+    from distillery.compress.chain import Inputs, compress_variants
+    from distillery.manifest import outputs_digest
 
-    from distillery.evaluate.quality import evaluate_models, head
+    r = ctx.recipe
+    train, held = ctx.blocks()
+    inputs = Inputs(ctx.run, train, held, lambda: _teacher_signal(ctx), ctx.teacher().model, ctx.teacher().tokenizer,
+                    ctx.student_device(), ctx.log, ctx.progress)
+    return compress_variants(r, inputs, source_digest=ctx.upstream.get("distill") or "")
+
+
+def variant_folder(run: Path, name: str) -> Path:
+    """Where a variant's model is: student_init/, student/, or compressed/NAME/."""
+    return run / (name if name in ("student_init", "student") else f"compressed/{name}")
+
+
+def stage_evaluate(ctx: Context) -> list[str]:
+    """Every variant scored the same way, in the format it ships in (evaluate/suite.py)."""
+    from distillery.compress.variants import load_variant
+    from distillery.evaluate.suite import evaluate_variants
 
     r, teacher = ctx.recipe, ctx.teacher()
-    device = ctx.student_device()
-    held = head(ctx.blocks()[1], r.evaluate.eval_blocks)
-    folders = {"student_init": "student_init", "student": "student"}
-    models = {name: AutoModelForCausalLM.from_pretrained(ctx.run / folders[name], dtype=torch.float32).to(device)
-              for name in r.evaluate.variants if name != "teacher"}
-    results = evaluate_models(models, held, teacher=teacher.model, batch_size=r.evaluate.batch_size,
-                              progress=ctx.progress)
-    results = {k: v for k, v in results.items() if k in r.evaluate.variants}
-    atomic_write_json(ctx.run / "eval" / "summary.json", results)
-    outputs = ["eval/summary.json"]
+    names = [n for n in r.evaluated() if n != "teacher"]
+    models = {n: load_variant(variant_folder(ctx.run, n), device=ctx.student_device()) for n in names}
+    slices = {}
     if r.evaluate.slices:
         from distillery.data.sources import read_source, to_blocks
 
-        slices = {}
         for name, source in r.evaluate.slices.items():
-            _, blocks = to_blocks(read_source(source, r.cache_dir), teacher.tokenizer, r.data.block_size, 0.5)
-            scores = evaluate_models(models, blocks[: r.evaluate.eval_blocks], teacher=teacher.model,
-                                     batch_size=r.evaluate.batch_size, progress=ctx.progress)
-            slices[name] = {k: v for k, v in scores.items() if k in r.evaluate.variants}
-            for variant, m in slices[name].items():
-                ctx.log(f"evaluate: [{name}] {variant:13s} perplexity {m['perplexity']:12.2f}   "
-                        f"KL to teacher {m['kl_to_teacher']:.4f}")
-        atomic_write_json(ctx.run / "eval" / "slices.json", slices)
-        outputs.append("eval/slices.json")
-    for name, m in results.items():
-        ctx.log(f"evaluate: {name:13s} perplexity {m['perplexity']:12.2f}   KL to teacher {m['kl_to_teacher']:.4f}"
-                f"   top-1 agreement {m['top1_agreement']:.3f}")
-    return outputs
+            slices[name] = to_blocks(read_source(source, r.cache_dir), teacher.tokenizer, r.data.block_size, 0.5)[1]
+    return evaluate_variants(r.evaluate, ctx.run, models, teacher.model, teacher.tokenizer, ctx.blocks()[1], slices,
+                             with_teacher="teacher" in r.evaluated(), log=ctx.log, progress=ctx.progress)
+
+
+def stage_gate(ctx: Context) -> list[str]:
+    """The recipe's release rules on the gated variant -> gate.json (its exit code: 0 pass, 1 fail, 2 bad rule)."""
+    results = judge(ctx.recipe, ctx.run, ctx.recipe.gated(), ctx.run / "gate.json")
+    from distillery.gate import format_table
+
+    ctx.log("gate: " + format_table(results).replace("\n", "\ngate: "))
+    return ["gate.json"]
+
+
+def judge(recipe: Recipe, run: Path, variant: str, out: Path) -> list[dict]:
+    """The recipe's gate rules on ``variant``'s evaluation (eval/metrics.json), written to ``out``."""
+    from distillery.gate import evaluate_rules, write_gate
+
+    path = run / "eval" / "metrics.json"
+    if not path.is_file():
+        raise RuntimeError(f"{path}: no evaluation to judge; run `distillery evaluate` first")
+    table = read_json(path)
+    results = evaluate_rules(recipe.gate.rules, table["metrics"], variant, table["per_example"], seed=recipe.seed)
+    write_gate(out, results)
+    return results
 
 
 def stage_report(ctx: Context) -> list[str]:
@@ -388,8 +412,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("capture", stage_capture, ("teacher", "capture"), ("data",),
           enabled=lambda r: r.distill.teacher_source == "store"),
     Stage("distill", stage_distill, ("teacher", "distill", "ensemble", "seed"), ("data", "student_init", "capture")),
-    Stage("evaluate", stage_evaluate, ("evaluate",), ("data", "student_init", "distill")),
-    Stage("report", stage_report, ("report",), ("distill", "evaluate"), enabled=lambda r: r.report.enabled),
+    Stage("compress", stage_compress, ("teacher", "compress", "distill", "ensemble", "seed"),
+          ("data", "distill", "capture"), enabled=lambda r: bool(r.compress)),
+    Stage("evaluate", stage_evaluate, ("teacher", "evaluate", "compress"), ("data", "student_init", "distill",
+                                                                             "compress")),
+    Stage("gate", stage_gate, ("gate", "evaluate", "compress"), ("evaluate",), enabled=lambda r: bool(r.gate.rules)),
+    Stage("report", stage_report, ("report",), ("distill", "evaluate", "gate"), enabled=lambda r: r.report.enabled),
 )}
 
 
@@ -450,6 +478,7 @@ def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = 
             atomic_write_json(run / "manifest.json", manifest)
         t0 = time.perf_counter()
         ctx.input_hash = h
+        ctx.upstream = {u: outputs_digest(manifest["stages"].get(u, {})) for u in stage.upstream}
         outputs = stage.run(ctx)
         manifest["stages"][name] = {**manifest["stages"][name], "status": "complete", "outputs": outputs,
                                     "files": record_outputs(run, outputs, cache) if leader else {},

@@ -414,12 +414,156 @@ class DistillConfig(Strict):
 # ---------------------------------------------------------------- evaluation and report
 
 
+# ---------------------------------------------------------------- compression
+
+
+Ratio = Annotated[Number, Field(ge=0, lt=1)]
+
+
+class PruneStep(Strict):
+    """Remove fractions of layers, MLP channels, query heads and hidden channels (compress/prune.py), ranked by
+    activation importance on calibration blocks; or prune to ``target`` parameters (a count, or a fraction of
+    the model) by solving for the share removed from ``axes``."""
+
+    layers: Ratio = 0.0
+    mlp_channels: Ratio = 0.0
+    heads: Ratio = 0.0
+    hidden: Ratio = 0.0
+    target: Number | None = Field(None, gt=0, description="parameters after pruning: a count, or a fraction < 1")
+    axes: list[Literal["layers", "mlp_channels", "heads", "hidden"]] = ["mlp_channels", "hidden"]
+    head_mode: Literal["groups", "queries"] = Field(
+        "groups", description="remove whole key/value groups, or the same number of query heads from each group")
+    depth_method: Literal["influence", "skip_loss"] = "influence"
+    calibration_blocks: StrictInt = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> "PruneStep":
+        if self.target is None and not any((self.layers, self.mlp_channels, self.heads, self.hidden)):
+            raise ValueError("give a target or a fraction of at least one of layers, mlp_channels, heads, hidden")
+        return self
+
+
+class LowRankStep(Strict):
+    """Replace linears (name globs, e.g. ``*.mlp.*``) by two thinner ones from a truncated SVD (compress/lowrank.py)."""
+
+    layers: list[str] = Field(["*.mlp.*"], min_length=1)
+    rank: StrictInt | None = Field(None, ge=1)
+    energy: Number | None = Field(None, gt=0, le=1)
+    param_ratio: Number | None = Field(None, gt=0, lt=1, description="keep this share of each layer's parameters")
+    method: Literal["svd", "asvd"] = Field("asvd", description="asvd: whitened by the inputs' statistics (SVD-LLM)")
+    calibration_blocks: StrictInt = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "LowRankStep":
+        given = [n for n in ("rank", "energy", "param_ratio") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of rank, energy, param_ratio (got {given or 'none'})")
+        return self
+
+
+class RedistillStep(Strict):
+    """Recover quality with the teacher in the loop: the distill loop, losses and teacher signal, for more steps
+    (optionally under fake quantization, converted to the real low-bit model by a following quantize step)."""
+
+    steps: StrictInt = Field(50, ge=1)
+    lr: Number | None = Field(None, gt=0, description="default: distill.lr")
+    warmup_steps: StrictInt = Field(0, ge=0)
+    qat: QATConfig | None = None
+
+
+class QuantizeStep(Strict):
+    """Post-training quantization (compress/quantize.py); after a ``redistill`` with ``qat`` it converts the
+    fake-quantized model instead."""
+
+    scheme: Literal["int8_dynamic", "int8_weight_only", "int4_weight_only", "int8_dynamic_act_int4_weight"] = \
+        "int8_dynamic"
+    backend: Literal["torchao", "torch_dynamic", "auto"] = Field(
+        "auto", description="auto: the faster of torchao and torch's quantize_dynamic, measured on this machine")
+    group_size: StrictInt = Field(32, ge=8)
+    quantize_embeddings: bool = Field(False, description="also quantize the embeddings and lm_head")
+
+
+class CompressStep(Strict):
+    """One step of a chain: exactly one of prune, lowrank, redistill, quantize."""
+
+    prune: PruneStep | None = None
+    lowrank: LowRankStep | None = None
+    redistill: RedistillStep | None = None
+    quantize: QuantizeStep | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "CompressStep":
+        given = [n for n in ("prune", "lowrank", "redistill", "quantize") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"each step is one of prune, lowrank, redistill, quantize (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(n for n in ("prune", "lowrank", "redistill", "quantize") if getattr(self, n) is not None)
+
+
+class CompressVariant(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*$",
+                      description="the variant's folder under compressed/ and its name in evaluation and gates")
+    from_: str = Field("student", alias="from", description="student, or another variant by name")
+    steps: list[CompressStep] = Field(..., min_length=1)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _quantize_last(self) -> "CompressVariant":
+        kinds = [s.kind for s in self.steps]
+        if "quantize" in kinds and kinds.index("quantize") != len(kinds) - 1:
+            raise ValueError("quantize must be the last step (a quantized model is not pruned or trained further)")
+        return self
+
+
+# ---------------------------------------------------------------- evaluation, gate and report
+
+
+BASE_VARIANTS = ("teacher", "student_init", "student")
+
+
+class TaskConfig(Strict):
+    """A task built from real data the package fetches (evaluate/task_builders.py), scored on every variant."""
+
+    name: Literal["sentiment", "analogies", "arithmetic"]
+    limit: StrictInt | None = Field(None, ge=1, description="examples (sentiment: of 200; others: how many to build)")
+    seed: StrictInt = 0
+    batch_size: StrictInt = Field(8, ge=1)
+
+
+class SpeedConfig(Strict):
+    """Operational metrics (evaluate/speed.py): latency percentiles, tokens/s, memory, size, cold start."""
+
+    requests: StrictInt = Field(20, ge=1, description="timed requests per setting, after warm-up")
+    new_tokens: StrictInt = Field(32, ge=1)
+    concurrency: list[StrictInt] = Field([1], min_length=1)
+    sampling: bool = Field(False, description="also time sampled decoding (greedy always)")
+
+
 class EvaluateConfig(Strict):
     eval_blocks: StrictInt = Field(32, ge=1, description="held-out blocks scored per model variant")
     batch_size: StrictInt = Field(8, ge=1)
     slices: dict[str, Source] = Field(
         {}, description="more text to score every variant on, by name (e.g. another domain); -> eval/slices.json")
-    variants: list[Literal["teacher", "student_init", "student"]] = ["teacher", "student_init", "student"]
+    variants: list[str] | None = Field(
+        None, description="what to score: teacher, student_init, student and compress variants by name "
+        "(default: all of them)")
+    calibration: bool = Field(True, description="next-token ECE/MCE (15 bins) on the held-out blocks")
+    tasks: list[TaskConfig] = Field([], description="task accuracy with paired per-example results")
+    speed: SpeedConfig | None = Field(None, description="latency and memory of every variant (opt-in: minutes)")
+    lmeval: bool = Field(False, description="also run lm-evaluation-harness on the multiple-choice tasks")
+
+
+class GateConfig(Strict):
+    """Release rules (gate.py grammar), e.g. ``kl_to_teacher <= 0.8``, ``accuracy >= 0.95 * teacher.accuracy``,
+    ``accuracy not worse than student_init (paired, p < 0.05)``."""
+
+    rules: list[str] = Field([], description="each must hold for the gated variant")
+    variant: str | None = Field(None, description="the variant judged (default: the last compress variant, "
+                                "else student)")
 
 
 class ReportConfig(Strict):
@@ -566,7 +710,9 @@ class Recipe(Strict):
     capture: CaptureConfig | None = None
     ensemble: EnsembleConfig | None = None
     distill: DistillConfig = DistillConfig()
+    compress: list[CompressVariant] = []
     evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
     report: ReportConfig = ReportConfig()
     generate: GenerateConfig | None = None
 
@@ -582,6 +728,7 @@ class Recipe(Strict):
     def _consistent(self) -> "Recipe":
         d = self.distill
         self._check_representations()
+        self._check_compress()
         if d.teacher_source == "store":
             if self.capture is None:
                 raise ValueError("distill.teacher_source: store needs a capture section (k, temperature)")
@@ -602,6 +749,40 @@ class Recipe(Strict):
         if self.data.source.kind == "generated" and self.generate is None:
             raise ValueError("data.source: kind generated needs a generate section")
         return self
+
+    def variant_names(self) -> list[str]:
+        """Every model a run makes or reads, in order: teacher, student_init, student, compress variants."""
+        return [*BASE_VARIANTS, *(v.name for v in self.compress)]
+
+    def evaluated(self) -> list[str]:
+        return self.evaluate.variants if self.evaluate.variants is not None else self.variant_names()
+
+    def gated(self) -> str:
+        return self.gate.variant or (self.compress[-1].name if self.compress else "student")
+
+    def _check_compress(self) -> None:
+        names = [v.name for v in self.compress]
+        for i, v in enumerate(self.compress):
+            if v.name in BASE_VARIANTS or names.count(v.name) > 1:
+                raise ValueError(f"compress[{i}].name: {v.name!r} is taken (names must be unique and not "
+                                 f"{', '.join(BASE_VARIANTS)})")
+            if v.from_ != "student" and v.from_ not in names:
+                raise ValueError(f"compress[{i}].from: {v.from_!r} names no variant (student or one of {names})")
+        parents = {v.name: v.from_ for v in self.compress}
+        for i, v in enumerate(self.compress):
+            seen, node = {v.name}, v.from_
+            while node in parents:
+                if node in seen:
+                    raise ValueError(f"compress[{i}].from: {v.name!r} comes from itself through {node!r} (a cycle)")
+                seen.add(node)
+                node = parents[node]
+        if self.evaluate.variants is not None:
+            unknown = [n for n in self.evaluate.variants if n not in self.variant_names()]
+            if unknown:
+                raise ValueError(f"evaluate.variants: {unknown} are not variants of this recipe "
+                                 f"({', '.join(self.variant_names())})")
+        if self.gate.variant is not None and self.gate.variant not in self.evaluated():
+            raise ValueError(f"gate.variant: {self.gate.variant!r} is not evaluated ({', '.join(self.evaluated())})")
 
     def _check_representations(self) -> None:
         """Hidden-state and attention matching read the teacher's insides: a single live teacher, and layer

@@ -362,8 +362,6 @@ def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, tokenizer=
 
 
 def _save_dynamic(model, folder: Path, tokenizer, record: dict) -> Path:
-    import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
@@ -387,9 +385,9 @@ def _save_dynamic(model, folder: Path, tokenizer, record: dict) -> Path:
         if key not in seen:
             seen[key] = name
             unique[name] = t
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    from distillery.io import atomic_folder
+
+    with atomic_folder(folder) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -397,11 +395,6 @@ def _save_dynamic(model, folder: Path, tokenizer, record: dict) -> Path:
             tokenizer.save_pretrained(tmp)
         save_file(unique, tmp / "model.safetensors", metadata={"format": "pt"})
         save_file(quantized, tmp / DYNAMIC_FILE, metadata={"format": "pt", "axis": "0"})
-        if folder.exists():  # as distillery.io.save_model_folder: the old folder goes, the new one moves in
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
