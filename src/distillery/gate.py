@@ -359,9 +359,14 @@ def known_metrics(e) -> list[str]:
     if "arithmetic" in kinds:
         names += ["exact_match", "token_f1"]
     if e.speed is not None:
-        from distillery.evaluate.speed import METRIC_NAMES
+        from distillery.evaluate.speed import PERCENTILES, setting_name
 
-        names += list(METRIC_NAMES)
+        settings = [setting_name(c, d) for c in e.speed.concurrency for d in
+                    (("greedy", "sampling") if e.speed.sampling else ("greedy",))]
+        for suffix in ["", *(f"_{s}" for s in settings)]:
+            names += [f"{w}_p{q}{suffix}" for w in ("ttft", "tpot", "latency") for q in PERCENTILES]
+            names.append(f"tokens_per_s{suffix}")
+        names += ["size_bytes", "weights_bytes"] + (["cold_start_s", "peak_rss_bytes"] if e.speed.cold_start else [])
     return names
 
 

@@ -358,8 +358,15 @@ def stage_evaluate(ctx: Context) -> list[str]:
 
         for name, source in r.evaluate.slices.items():
             slices[name] = to_blocks(read_source(source, r.cache_dir), teacher.tokenizer, r.data.block_size, 0.5)[1]
+    teacher_folder = None
+    if r.evaluate.speed is not None and r.teacher.keep_layers is None:  # the folder a served teacher loads from
+        from distillery.models.load import resolve_source
+
+        where, gguf = resolve_source(r.teacher.model, r.cache_dir, r.teacher.gguf_file)
+        teacher_folder = Path(where) if not gguf and Path(where).is_dir() else None
     return evaluate_variants(r.evaluate, ctx.run, models, teacher.model, teacher.tokenizer, ctx.blocks()[1], slices,
-                             with_teacher="teacher" in r.evaluated(), log=ctx.log, progress=ctx.progress)
+                             with_teacher="teacher" in r.evaluated(), teacher_folder=teacher_folder, log=ctx.log,
+                             progress=ctx.progress)
 
 
 def stage_gate(ctx: Context) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError,
@@ -67,6 +67,14 @@ def _model_source(v: str, info: ValidationInfo) -> str:
 ModelSource = Annotated[str, AfterValidator(_model_source)]
 
 
+def exactly_one(model: BaseModel, names: tuple[str, ...]) -> str:
+    """The one of ``names`` that is set on ``model``; a ValueError naming them unless exactly one is."""
+    given = [n for n in names if getattr(model, n) is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(names)} (got {given or 'none'})")
+    return given[0]
+
+
 class Strict(BaseModel):
     # Unknown keys are errors: a typo must never be silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -100,9 +108,7 @@ class CutConfig(Strict):
 
     @model_validator(mode="after")
     def _one_way(self) -> "CutConfig":
-        given = [n for n in ("keep_layers", "every", "num_layers") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of keep_layers, every, num_layers (got {given or 'none'})")
+        exactly_one(self, ("keep_layers", "every", "num_layers"))
         if self.keep_layers is not None and (not self.keep_layers or min(self.keep_layers) < 0):
             raise ValueError("keep_layers must be a non-empty list of layer indices >= 0")
         return self
@@ -117,9 +123,7 @@ class StudentConfig(Strict):
 
     @model_validator(mode="after")
     def _one_way(self) -> "StudentConfig":
-        given = [n for n in ("from_teacher", "model", "config") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of from_teacher, model, config (got {given or 'none'})")
+        exactly_one(self, ("from_teacher", "model", "config"))
         return self
 
 
@@ -455,9 +459,7 @@ class LowRankStep(Strict):
 
     @model_validator(mode="after")
     def _one_size(self) -> "LowRankStep":
-        given = [n for n in ("rank", "energy", "param_ratio") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of rank, energy, param_ratio (got {given or 'none'})")
+        exactly_one(self, ("rank", "energy", "param_ratio"))
         return self
 
 
@@ -493,14 +495,14 @@ class CompressStep(Strict):
 
     @model_validator(mode="after")
     def _one(self) -> "CompressStep":
-        given = [n for n in ("prune", "lowrank", "redistill", "quantize") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError(f"each step is one of prune, lowrank, redistill, quantize (got {given or 'none'})")
+        exactly_one(self, self.KINDS)
         return self
+
+    KINDS: ClassVar[tuple[str, ...]] = ("prune", "lowrank", "redistill", "quantize")
 
     @property
     def kind(self) -> str:
-        return next(n for n in ("prune", "lowrank", "redistill", "quantize") if getattr(self, n) is not None)
+        return exactly_one(self, self.KINDS)
 
 
 class CompressVariant(Strict):
@@ -539,8 +541,11 @@ class SpeedConfig(Strict):
 
     requests: StrictInt = Field(20, ge=1, description="timed requests per setting, after warm-up")
     new_tokens: StrictInt = Field(32, ge=1)
-    concurrency: list[StrictInt] = Field([1], min_length=1)
+    concurrency: list[StrictInt] = Field([1, 4, 8], min_length=1, description="requests arriving together, "
+                                         "served as one batched generate call")
     sampling: bool = Field(False, description="also time sampled decoding (greedy always)")
+    cold_start: bool = Field(True, description="time loading each variant's folder to its first token, in a "
+                             "fresh process")
 
 
 class EvaluateConfig(Strict):

@@ -21,7 +21,8 @@ from distillery.io import atomic_write_json
 
 def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teacher: torch.nn.Module, tokenizer,
                       held: Examples, slices: dict[str, torch.Tensor], *, with_teacher: bool = True,
-                      log: Callable[[str], None] = print, progress: bool = False) -> list[str]:
+                      teacher_folder: Path | None = None, log: Callable[[str], None] = print,
+                      progress: bool = False) -> list[str]:
     """Score ``models`` and, ``with_teacher``, the teacher (as ``teacher``; it is always the reference of the
     KL and agreement), and write the files above; returns their paths relative to ``run``."""
     wanted = (["teacher"] if with_teacher else []) + list(models)
@@ -57,7 +58,8 @@ def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teache
     if cfg.speed is not None:
         from distillery.evaluate.speed import measure_variants
 
-        speed = measure_variants({v: everyone[v] for v in wanted}, tokenizer, cfg.speed, run=run)
+        speed = measure_variants({v: everyone[v] for v in wanted}, tokenizer, cfg.speed, run=run, log=log,
+                                 folders={"teacher": teacher_folder} if teacher_folder else None)
         for v, m in speed.items():
             metrics[v].update(m.get("metrics", {}))
         outputs["eval/speed.json"] = speed
