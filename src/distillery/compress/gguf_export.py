@@ -26,6 +26,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -35,14 +36,6 @@ BLOCK = 32  # elements per Q8_0 / Q4_0 block
 
 class ExportError(ValueError):
     """A model or request the GGUF exporter cannot take; the message names what is at fault."""
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError as e:  # pragma: no cover - gguf is a declared dependency
-        raise ExportError(f"format: GGUF export needs the gguf package (pip install gguf): {e}") from None
-    return gguf
 
 
 def permute_rope(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -106,7 +99,6 @@ def _tokenizer_pre(tokenizer) -> str:
 
 def _vocab(tokenizer, vocab_size: int):
     """(tokens, token types) by id, as llama.cpp's ``get_vocab_base`` builds them."""
-    gguf = _gguf()
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError("tokenizer: a fast (tokenizers) byte-level BPE tokenizer is needed for a gpt2 GGUF vocabulary")
     model = tokenizer.backend_tokenizer.model
@@ -136,7 +128,6 @@ def _vocab(tokenizer, vocab_size: int):
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], out_type: str):
-    gguf = _gguf()
     q = gguf.GGMLQuantizationType
     if len(shape) == 1 or name.endswith("_norm.weight") or out_type == "F32":
         return q.F32
@@ -148,7 +139,6 @@ def _tensor_type(name: str, shape: tuple[int, ...], out_type: str):
 
 
 def _encode(data: np.ndarray, qtype) -> np.ndarray:
-    gguf = _gguf()
     q = gguf.GGMLQuantizationType
     if qtype == q.F32:
         return data.astype(np.float32)
@@ -161,7 +151,6 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, out_
                 name: str | None = None, tokenizer_pre: str | None = None) -> Path:
     """Write ``model`` (a Llama-architecture causal LM) and ``tokenizer`` (with its chat template)
     to the GGUF file ``path`` atomically; ``out_type`` is one of F32, F16, Q8_0, Q4_0."""
-    gguf = _gguf()
     from distillery.io import atomic_path
 
     if out_type not in TYPES:

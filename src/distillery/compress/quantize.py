@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+# torchao is imported inside the functions that use it: importing it takes seconds
+
 SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only", "int8_dynamic_act_int4_weight")
 BACKENDS = ("torchao", "torch_dynamic", "auto")
 CONFIG_KEY = "distillery_quantization"
@@ -54,17 +56,9 @@ class QuantizeError(ValueError):
     """A quantization request that cannot be met; the message names the parameter at fault."""
 
 
-def _torchao():
-    try:
-        import torchao.quantization as tq
-    except ImportError as e:  # pragma: no cover - torchao is a declared dependency
-        raise QuantizeError(f"scheme: quantization needs torchao (pip install torchao): {e}") from None
-    return tq
-
-
 def torchao_config(scheme: str, group_size: int = 32):
     """The torchao config for a scheme name."""
-    tq = _torchao()
+    import torchao.quantization as tq
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quant_primitives import MappingType
 
@@ -83,7 +77,7 @@ def torchao_config(scheme: str, group_size: int = 32):
 
 
 def _embedding_config(scheme: str, group_size: int):
-    tq = _torchao()
+    import torchao.quantization as tq
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     if "int4" in scheme:
@@ -140,7 +134,7 @@ def _attach_transformers_quantizer(model: torch.nn.Module, ao_config, quantize_e
     from transformers.quantizers import AutoHfQuantizer
 
     if quantize_embeddings:
-        tq = _torchao()
+        import torchao.quantization as tq
         emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
         # explicit modules rather than torchao's deprecated "_default" key
         quant = TorchAoConfig(tq.FqnToConfig({emb_name: embedding_config, _name_pattern(linears): ao_config}),
@@ -165,7 +159,7 @@ def quantize(model: torch.nn.Module, scheme: str, *, backend: str = "torchao", g
         backend = choose_backend(model, scheme, example, quantize_embeddings=quantize_embeddings).backend
     if backend == "torch_dynamic":
         return _quantize_dynamic(model, quantize_embeddings)
-    tq = _torchao()
+    import torchao.quantization as tq
     if quantize_embeddings:
         _untie_head(model)
     names = _linears(model, include_head=quantize_embeddings)
@@ -222,7 +216,7 @@ def convert_qat(model: torch.nn.Module, scheme: str | None = None) -> torch.nn.M
     simulated, group = found
     if scheme is not None and scheme != simulated:
         raise QuantizeError(f"scheme: {scheme} asked, but the model was trained under {simulated} fake quantization")
-    tq = _torchao()
+    import torchao.quantization as tq
     from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
 
     base = torchao_config(simulated, group)
