@@ -187,6 +187,18 @@ def test_malformed_json_and_bad_chat(server):
     assert httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 1}).status_code == 200
 
 
+def test_oversized_body_and_request(served):
+    from fastapi.testclient import TestClient
+
+    app = make_app(served, limits={"max_body_bytes": 2048, "max_tokens": 4},
+                   models=[{"name": "tiny", "path": "unused", "batching": {"max_queue": 4}}])
+    c = TestClient(app)
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 5000})
+    assert r.status_code == 413 and "2048" in r.json()["error"]["message"]
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2})
+    assert r.status_code == 400 and "3 prompts x n=2" in r.json()["error"]["message"]
+
+
 def test_api_key_on_every_endpoint_but_health(served, monkeypatch):
     monkeypatch.setenv("TEST_SERVE_KEY", "s3cret")
     with ServerThread(make_app(served, api_key_env="TEST_SERVE_KEY")) as s:

@@ -239,6 +239,8 @@ def test_rollout_rolls_back_a_failing_candidate_and_remembers(pair, tmp_path):
         fams = {f.name: f for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)}
     saved = json.loads(state.read_text())
     assert saved["status"] == "rolled_back" and saved["events"][-1]["gate"] == "error_rate"
+    arms = {x.labels["arm"]: x.value for x in fams["distillery:rollout_requests"].samples if x.name.endswith("_total")}
+    assert arms["candidate"] == 3 and arms["current"] == 1  # rolled back after the gate's 3 failures
     rb = [x for x in fams["distillery:rollout_rollbacks"].samples if x.name.endswith("_total")]
     assert rb[0].labels == {"candidate": "candidate", "reason": "error_rate"} and rb[0].value == 1
     # a restarted server keeps the decision: no traffic to the candidate

@@ -118,7 +118,9 @@ class LocalBackend:
     # ------------------------------------------------------------ requests to jobs
 
     def _max_tokens(self, asked: int | None) -> int:
-        n = self.limits.default_max_tokens if asked is None else asked
+        if asked is None:  # the default never exceeds the cap: a request that names none must not fail
+            return min(self.limits.default_max_tokens, self.limits.max_tokens)
+        n = asked
         if n > self.limits.max_tokens:
             raise APIError(400, f"max_tokens: {n} is more than this server allows ({self.limits.max_tokens})",
                            param="max_tokens")
@@ -130,6 +132,9 @@ class LocalBackend:
         if k is not None and k > self.limits.max_logprobs:
             raise APIError(400, f"logprobs: {k} is more than this server allows ({self.limits.max_logprobs})",
                            param="logprobs")
+        if len(prompts) * req.n > self.batcher.max_queue:
+            raise APIError(400, f"prompt: {len(prompts)} prompts x n={req.n} sequences is more than this server "
+                           f"queues at once ({self.batcher.max_queue})", param="prompt")
         cap = min(self.limits.max_prompt_tokens or self.context, self.context)
         for i, p in enumerate(prompts):
             where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"

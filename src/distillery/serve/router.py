@@ -109,6 +109,8 @@ class Cascade:
     async def _decide(self, req, ctx: Ctx, call: str):
         """The student's answer and, per prompt, its confidence and whether the teacher must answer."""
         student, arm = self._pick_student()
+        if self.rollout is not None:
+            self.metrics.rollout_requests.labels(arm, student.name).inc()
         t0 = time.perf_counter()
         sctx = Ctx(route="student", want_scores=True, disconnected=ctx.disconnected, arrived=ctx.arrived)
         try:
