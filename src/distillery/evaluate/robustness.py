@@ -170,7 +170,8 @@ def teacher_paraphraser(model, tokenizer, *, max_new_tokens: int = 96, batch_siz
 # ---------------------------------------------------------------- changes
 
 
-def _number(value) -> float | None:
+def number(value) -> float | None:
+    """A metric value (a number or ``{"value": v, ...}``) as a finite float, else None."""
     if isinstance(value, dict):
         value = value.get("value")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -188,7 +189,7 @@ def metric_changes(before: dict, after: dict, *, per_example_before: dict | None
     bootstrap ``interval`` and ``p_value`` over the examples present in both."""
     out = {}
     for metric in before:
-        b, a = _number(before[metric]), _number(after.get(metric))
+        b, a = number(before[metric]), number(after.get(metric))
         if b is None or a is None:
             continue
         row = {"before": b, "after": a, "change": a - b, "relative": (a - b) / abs(b) if b else None}

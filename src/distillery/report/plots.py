@@ -6,24 +6,16 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 
 from matplotlib.figure import Figure
+
+from distillery.evaluate.robustness import number
 
 # train.jsonl fields that are not loss terms
 _NOT_LOSS = {"step", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped"}
 _NOT_LOSS_PREFIX = ("eval_", "peak_")
 PANEL = (5.2, 3.9)  # inches; at DPI, 624 x 468 pixels before trimming
 DPI = 120
-
-
-def number(value) -> float | None:
-    """A metric value (a number or ``{"value": v, ...}``) as a finite float, else None."""
-    if isinstance(value, dict):
-        value = value.get("value")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def png(fig: Figure) -> str:
