@@ -214,6 +214,18 @@ def test_a_bad_file_is_named(tmp_path, tiny_run):
         write_report(run)
 
 
+def test_train_log_torn_last_line_is_dropped_a_bad_middle_line_named(tmp_path, tiny_run):
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    lines = (run / "train.jsonl").read_text().splitlines()
+    # a run killed while appending leaves its last line half written: the report reads up to it
+    atomic_write_text(run / "train.jsonl", "\n".join(lines) + '\n{"step": 9')
+    assert 'id="training"' in write_report(run).read_text()
+    atomic_write_text(run / "train.jsonl", "\n".join([lines[0], '{"step": 9', *lines[1:]]) + "\n")
+    with pytest.raises(ReportError, match=r"train.jsonl:2: not valid JSON"):
+        write_report(run)
+
+
 def test_loss_terms_and_frontier():
     assert loss_terms(_train_records()) == ["kd", "ce", "hidden", "kd_weighted", "loss"]
     pts = {"teacher": (100.0, 0.9), "student": (40.0, 0.85), "int8": (30.0, 0.70), "bad": (50.0, 0.80),

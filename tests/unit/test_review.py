@@ -80,11 +80,11 @@ def test_jsonl_ratings_and_errors_name_the_line(tmp_path):
     assert res["items"] == 2 and res["unrated"] == 1 and res["wins"] + res["losses"] == 2
     rows[2]["rating"] = "maybe"
     paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ReviewError, match=r"review.jsonl: line 3: field 'rating' must be A, B or tie, got 'maybe'"):
+    with pytest.raises(ReviewError, match=r"review.jsonl:3: field 'rating' must be A, B or tie, got 'maybe'"):
         import_ratings(paths["jsonl"], paths["key"])
     rows[2].update(rating="A", id="nope")
     paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ReviewError, match="line 3: id 'nope' is not in"):
+    with pytest.raises(ReviewError, match="review.jsonl:3: id 'nope' is not in"):
         import_ratings(paths["jsonl"], paths["key"])
     with pytest.raises(ReviewError, match="sample 0 has no field 'student'"):
         export_review([{"id": 1, "prompt": "p", "teacher": "t"}], tmp_path / "x")

@@ -29,23 +29,23 @@ def _write(path, rows):
 
 
 @pytest.mark.parametrize("row,message", [
-    ({"prompt": "p", "choices": ["a", "b"], "answer": 0}, "line 2: no field 'id'"),
-    ({"id": "x", "prompt": "p", "choices": ["a", "b"], "answer": 2}, "line 2: field 'answer' must be an index"),
-    ({"id": "x", "prompt": "p", "choices": ["a"], "answer": 0}, "line 2: field 'choices' must be a list of at least"),
-    ({"id": "x", "prompt": "", "choices": ["a", "b"], "answer": 0}, "line 2: field 'prompt' must be"),
-    ({"id": "x", "prompt": "p", "choices": ["a", "b"], "answer": 0, "tags": "t"}, "line 2: field 'tags'"),
-    ({"id": "x", "prompt": "p", "answer": "a"}, "line 2: mixes multiple-choice and generation"),
-    ({"id": "0", "prompt": "p", "choices": ["a", "b"], "answer": 1}, "line 2: duplicate id '0'"),
+    ({"prompt": "p", "choices": ["a", "b"], "answer": 0}, "2: no field 'id'"),
+    ({"id": "x", "prompt": "p", "choices": ["a", "b"], "answer": 2}, "2: field 'answer' must be an index"),
+    ({"id": "x", "prompt": "p", "choices": ["a"], "answer": 0}, "2: field 'choices' must be a list of at least"),
+    ({"id": "x", "prompt": "", "choices": ["a", "b"], "answer": 0}, "2: field 'prompt' must be"),
+    ({"id": "x", "prompt": "p", "choices": ["a", "b"], "answer": 0, "tags": "t"}, "2: field 'tags'"),
+    ({"id": "x", "prompt": "p", "answer": "a"}, "2: mixes multiple-choice and generation"),
+    ({"id": "0", "prompt": "p", "choices": ["a", "b"], "answer": 1}, "2: duplicate id '0'"),
 ])
 def test_read_task_names_file_line_and_field(tmp_path, row, message):
     path = _write(tmp_path / "t.jsonl", [{"id": "0", "prompt": "p", "choices": ["a", "b"], "answer": 0}, row])
-    with pytest.raises(TaskError, match=f"t.jsonl: {message}"):
+    with pytest.raises(TaskError, match=f"t.jsonl:{message}"):
         read_task(path)
 
 
 def test_read_task_rejects_bad_json_and_answer_type(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": 1,\n')
-    with pytest.raises(TaskError, match="bad.jsonl: line 1: not valid JSON"):
+    with pytest.raises(TaskError, match="bad.jsonl:1: not valid JSON"):
         read_task(tmp_path / "bad.jsonl")
     with pytest.raises(TaskError, match="answer_type"):
         write_task(tmp_path / "g.jsonl", [{"id": "a", "prompt": "p", "answer": "x", "answer_type": "date"}])

@@ -145,8 +145,11 @@ def read_text_file(path: Path) -> list[Document]:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank line; a bad line is an error naming file:line."""
+def jsonl_rows(path: Path, *, torn_tail: bool = False) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line; a bad line is an error naming file:line.
+
+    With ``torn_tail``, a last line that is not valid JSON is dropped instead: a run killed while
+    appending a line leaves it half written, and resume starts again from the line before."""
     try:
         lines = Path(path).read_text("utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -158,6 +161,8 @@ def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if torn_tail and n == len(lines):
+                break
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object")

@@ -86,20 +86,17 @@ def export_review(samples: Sequence[dict], folder: str | Path, *, variants: tupl
 
 def read_ratings(path: str | Path) -> list[tuple[str, dict]]:
     """``(where, row)`` for every row of a filled review file (CSV or JSONL, by suffix)."""
+    from distillery.data.sources import DataError, jsonl_rows  # here: data.sources imports torch
+
     path = Path(path)
     try:
+        if path.suffix == ".jsonl":
+            return [(f"{path}:{n}", row) for n, row in jsonl_rows(path)]
         text = path.read_text("utf-8")
     except FileNotFoundError:
         raise ReviewError(f"{path}: no such ratings file") from None
-    if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append((f"{path}: line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ReviewError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        return out
+    except DataError as e:
+        raise ReviewError(str(e)) from None
     if path.suffix != ".csv":
         raise ReviewError(f"{path}: ratings are read from .csv or .jsonl")
     reader = csv.DictReader(io.StringIO(text))
@@ -107,7 +104,7 @@ def read_ratings(path: str | Path) -> list[tuple[str, dict]]:
         if need not in (reader.fieldnames or []):
             raise ReviewError(f"{path}: no {need!r} column")
     # line numbers count the header and any newlines inside quoted responses
-    return [(f"{path}: line {reader.line_num}", row) for row in reader]
+    return [(f"{path}:{reader.line_num}", row) for row in reader]
 
 
 def import_ratings(path: str | Path, key_path: str | Path, *, subject: str | None = None,

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from distillery.data.sources import DataError, jsonl_rows
 from distillery.evaluate.calibration import calibration_errors
 from distillery.evaluate.stats import bootstrap_ci
 from distillery.evaluate.text import exact_match, normalize_answer, normalize_spaces, token_f1
@@ -103,22 +104,18 @@ def read_task(path: str | Path, name: str | None = None) -> Task:
     """A task file; its kind comes from its rows (``choices`` = multiple choice), all of one kind."""
     path = Path(path)
     try:
-        lines = path.read_text("utf-8").splitlines()
+        rows = jsonl_rows(path)
     except FileNotFoundError:
         raise TaskError(f"{path}: no such task file") from None
+    except DataError as e:
+        raise TaskError(str(e)) from None
     examples, seen = [], set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        ex = _example(row, f"{path}: line {n}")
+    for n, row in rows:
+        ex = _example(row, f"{path}:{n}")
         if examples and type(ex) is not type(examples[0]):
-            raise TaskError(f"{path}: line {n}: mixes multiple-choice and generation rows")
+            raise TaskError(f"{path}:{n}: mixes multiple-choice and generation rows")
         if ex.id in seen:
-            raise TaskError(f"{path}: line {n}: duplicate id {ex.id!r}")
+            raise TaskError(f"{path}:{n}: duplicate id {ex.id!r}")
         seen.add(ex.id)
         examples.append(ex)
     if not examples:

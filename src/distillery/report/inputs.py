@@ -32,25 +32,19 @@ class ReportError(ValueError):
 
 
 def _read(path: Path):
-    text = path.read_text("utf-8")
     if path.suffix == ".json":
         try:
-            return json.loads(text)
+            return json.loads(path.read_text("utf-8"))
         except json.JSONDecodeError as e:
             raise ReportError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    # a run killed while writing a line leaves it half written: stop there, as resume does
-                    if n == len(text.splitlines()):
-                        break
-                    raise ReportError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        return rows
-    return text
+        from distillery.data.sources import DataError, jsonl_rows  # here: data.sources imports torch
+
+        try:  # a run killed while writing a line leaves it half written: stop there, as resume does
+            return [row for _, row in jsonl_rows(path, torn_tail=True)]
+        except DataError as e:
+            raise ReportError(str(e)) from None
+    return path.read_text("utf-8")
 
 
 def load_inputs(run: Path) -> dict:
