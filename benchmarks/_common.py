@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 from pathlib import Path
 
 import torch
 
+from distillery.evaluate.speed import machine_info
 from distillery.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def spread(values: list[float]) -> dict:
@@ -35,7 +20,7 @@ def spread(values: list[float]) -> dict:
 
 
 def write_results(name: str, metrics: dict, config: dict) -> Path:
-    return atomic_write_json(RESULTS / f"{name}.json", {"machine": machine(), "metrics": metrics, "config": config})
+    return atomic_write_json(RESULTS / f"{name}.json", {"machine": machine_info(), "metrics": metrics, "config": config})
 
 
 def print_table(rows: list[tuple], header: tuple) -> None:

@@ -64,7 +64,7 @@ class SpeedError(ValueError):
 
 
 def machine_info() -> dict:
-    """What the numbers were measured on. (benchmarks/_common.py has a smaller copy, ``machine()``.)"""
+    """What the numbers were measured on (also the ``machine`` of every benchmarks/results/*.json)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
