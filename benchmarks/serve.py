@@ -29,7 +29,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from _common import print_table, spread, write_results
 
 from distillery.data.prompts import make_tasks

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from distillery.serve.app import ServerThread, create_app
 from distillery.serve.config import ServeConfig
 from tests.helpers import tiny_llama
@@ -33,11 +31,12 @@ def test_playground_shows_who_answered(trained_tiny_teacher, tiny_tokenizer, tmp
         browser = p.chromium.launch(executable_path=executable,
                                     args=["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])
         try:
-            for name, viewport in (("desktop", {"width": 1280, "height": 900}), ("phone", {"width": 390, "height": 844})):
+            for name, viewport in (("desktop", {"width": 1280, "height": 900}),
+                                   ("phone", {"width": 390, "height": 844})):
                 page = browser.new_page(viewport=viewport)
                 errors, requests = [], []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.on("request", lambda r: requests.append(r.url))
+                page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+                page.on("request", lambda r, requests=requests: requests.append(r.url))
                 page.goto(server.url + "/", wait_until="load")
                 page.wait_for_function("document.getElementById('status').textContent.length > 0")
                 assert "API key" in page.text_content("#status")  # the 401 explained, not a blank page

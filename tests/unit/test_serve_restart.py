@@ -52,7 +52,8 @@ def test_sigkill_under_load_loses_no_state(tiny_teacher_dir, tmp_path):
     calibration_bytes = (tmp_path / "router.json").read_bytes()
     settings = tmp_path / "serve.yaml"
     settings.write_text(yaml.safe_dump({
-        "models": [{"name": "student", "path": str(tiny_teacher_dir)}, {"name": "teacher", "path": str(tiny_teacher_dir)},
+        "models": [{"name": "student", "path": str(tiny_teacher_dir)},
+                   {"name": "teacher", "path": str(tiny_teacher_dir)},
                    {"name": "candidate", "kind": "openai", "base_url": "http://127.0.0.1:9", "timeout_s": 1}],
         "router": {"student": "student", "teacher": "teacher", "calibration": str(tmp_path / "router.json")},
         "rollout": {"candidate": "candidate", "share": 1.0, "state": str(tmp_path / "rollout.json"), "seed": 0,

@@ -92,12 +92,12 @@ def _brute_force(conf, sq, tq, target):
 def test_threshold_equals_brute_force_on_real_student_confidences(pair):
     """Confidences of the tiny student's own greedy answers; labels drawn with P(correct) rising with
     confidence (seeded), so the data are noisy the way real agreement labels are."""
+    import asyncio
+
     from distillery.serve.backends import LocalBackend
     from distillery.serve.config import LimitsConfig
     from distillery.serve.metrics import ServeMetrics
     from distillery.serve.router import collect_answers
-
-    import asyncio
 
     model, tok = pair["teacher"]
     backend = LocalBackend("t", model, tok, limits=LimitsConfig(), metrics=ServeMetrics())
@@ -204,7 +204,8 @@ def test_cascade_per_prompt_and_streaming(pair):
                 "model": "router", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5,
                 "temperature": 0, "stream": True}) as r:
             assert r.headers["x-distillery-model"] == "teacher"
-            chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+            chunks = [json.loads(line[5:]) for line in r.iter_lines()
+                      if line.startswith("data:") and "[DONE]" not in line]
         assert chunks[0]["distillery"]["routed_to"] == "teacher" and chunks[0]["model"] == "router"
 
 

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         config = ServeConfig(**raw)
     except ValidationError as e:
         raise SystemExit(f"{args.settings}: " + "; ".join(
-            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()))
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(config)
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from distillery.serve import openai_format as fmt
 from distillery.serve.batching import Batcher, BatcherStopped, Done, QueueFull
 from distillery.serve.config import BatchingConfig, LimitsConfig, ModelConfig
-from distillery.serve.engine import (GenJob, GenOutput, ScoreJob, ScoreOutput, entropy_bound, generate_batch,
-                                     score_batch)
+from distillery.serve.engine import GenJob, GenOutput, ScoreJob, ScoreOutput, entropy_bound, generate_batch, score_batch
 from distillery.serve.metrics import Prices, ServeMetrics, Timing
 from distillery.serve.schemas import APIError, ChatRequest, CompletionRequest
 
@@ -126,12 +125,14 @@ class LocalBackend:
                            param="max_tokens")
         return n
 
-    def _check(self, req, prompts: list[list[int]], max_tokens: int, k: int | None) -> None:
+    def _check(self, req, prompts: list[list[int]], max_tokens: int) -> None:
         if req.n > self.limits.max_n:
             raise APIError(400, f"n: {req.n} is more than this server allows ({self.limits.max_n})", param="n")
-        if k is not None and k > self.limits.max_logprobs:
-            raise APIError(400, f"logprobs: {k} is more than this server allows ({self.limits.max_logprobs})",
-                           param="logprobs")
+        for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
+            asked = getattr(req, name, None)
+            if isinstance(asked, int) and not isinstance(asked, bool) and asked > self.limits.max_logprobs:
+                raise APIError(400, f"{name}: {asked} is more than this server allows ({self.limits.max_logprobs})",
+                               param=name)
         if len(prompts) * req.n > self.batcher.max_queue:
             raise APIError(400, f"prompt: {len(prompts)} prompts x n={req.n} sequences is more than this server "
                            f"queues at once ({self.batcher.max_queue})", param="prompt")
@@ -182,8 +183,10 @@ class LocalBackend:
 
     def _timing(self, done: Done | None, out: GenOutput | None, ctx: Ctx) -> Timing:
         times = out.token_times if out is not None else []
-        return Timing(queue_s=done.queue_s if done is not None else None, ttft_s=(times[0] - ctx.arrived) if times else None,
-                      itl_s=tuple(b - a for a, b in zip(times, times[1:])), e2e_s=time.perf_counter() - ctx.arrived)
+        return Timing(queue_s=done.queue_s if done is not None else None,
+                      ttft_s=(times[0] - ctx.arrived) if times else None,
+                      itl_s=tuple(b - a for a, b in zip(times, times[1:])),
+                      e2e_s=time.perf_counter() - ctx.arrived)
 
     def _record(self, ctx: Ctx, prompt_tokens: int, out: GenOutput | None, done: Done | None) -> None:
         self.metrics.record(self.name, ctx.route, prompt_tokens=prompt_tokens,
@@ -207,7 +210,7 @@ class LocalBackend:
         prompts, texts = self._encode(req)
         max_tokens = self._max_tokens(req.max_tokens)
         k = max(req.logprobs or 0, req.prompt_logprobs or 0)
-        self._check(req, prompts, max_tokens, k if (req.logprobs is not None or req.prompt_logprobs) else None)
+        self._check(req, prompts, max_tokens)
         texts = [t or self._decode(p) for t, p in zip(texts, prompts)]
         scored = (req.echo and req.logprobs is not None) or req.prompt_logprobs is not None
         score_jobs = [ScoreJob(p, max(k, 1)) for p in prompts] if scored else []
@@ -272,7 +275,7 @@ class LocalBackend:
             raise APIError(400, "stream: not supported with echo or prompt_logprobs", param="stream")
         prompts, _ = self._encode(req)
         max_tokens = self._max_tokens(req.max_tokens)
-        self._check(req, prompts, max_tokens, req.logprobs)
+        self._check(req, prompts, max_tokens)
         jobs = self._gen_jobs(req, prompts, max_tokens, req.logprobs)
         name = fmt.TokenNames(self._decode_one, req.return_tokens_as_token_ids)
 
@@ -307,7 +310,7 @@ class LocalBackend:
         prompt = self._render(req)
         max_tokens = self._max_tokens(req.token_limit)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        self._check(req, [prompt], max_tokens, k)
+        self._check(req, [prompt], max_tokens)
         done = await self._submit(self._gen_jobs(req, [prompt], max_tokens, k), ctx)
         choices = []
         for j, d in enumerate(done):
@@ -331,7 +334,7 @@ class LocalBackend:
         prompt = self._render(req)
         max_tokens = self._max_tokens(req.token_limit)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        self._check(req, [prompt], max_tokens, k)
+        self._check(req, [prompt], max_tokens)
         jobs = self._gen_jobs(req, [prompt], max_tokens, k)
         started: set[int] = set()
 
@@ -359,7 +362,8 @@ class LocalBackend:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for idx, job in enumerate(jobs):
-            job.on_token = lambda t, lp, top, idx=idx: loop.call_soon_threadsafe(events.put_nowait, ("tok", idx, (t, lp, top)))
+            job.on_token = lambda t, lp, top, idx=idx: loop.call_soon_threadsafe(events.put_nowait,
+                                                                                  ("tok", idx, (t, lp, top)))
         try:
             futures = self.batcher.submit_many(jobs)
         except QueueFull as e:
@@ -431,6 +435,8 @@ class RemoteBackend:
     def _body(self, req, ctx: Ctx, stream: bool) -> dict:
         body = req.model_dump(exclude_unset=True, exclude_none=True)
         body["model"], body["stream"] = self.remote_model, stream
+        if not stream:
+            body.pop("stream_options", None)  # OpenAI servers refuse stream_options without stream
         if ctx.want_scores:  # the router scores from the top few log-probs
             if isinstance(req, ChatRequest):
                 body["logprobs"], body["top_logprobs"] = True, max(req.top_logprobs or 0, 5)

@@ -45,7 +45,11 @@ function fmt(x) { return (x === null || x === undefined) ? "-" : (typeof x === "
 async function loadModels() {
   const r = await fetch("/v1/models", {headers: headers()});
   const body = await r.json();
-  if (!r.ok) { $("status").textContent = body.error ? body.error.message : r.statusText; $("status").className = "err"; return; }
+  if (!r.ok) {
+    $("status").textContent = body.error ? body.error.message : r.statusText;
+    $("status").className = "err";
+    return;
+  }
   $("model").innerHTML = "";
   // The router first: it is what the page is for.
   body.data.sort((a, b) => (b.router ? 1 : 0) - (a.router ? 1 : 0));

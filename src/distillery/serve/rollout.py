@@ -27,7 +27,8 @@ class Arm:
         self.errors: deque[bool] = deque(maxlen=window)
 
     def summary(self) -> dict:
-        return {"n": len(self.errors), "mean_confidence": statistics.fmean(self.confidence) if self.confidence else None,
+        return {"n": len(self.errors),
+                "mean_confidence": statistics.fmean(self.confidence) if self.confidence else None,
                 "median_latency_s": statistics.median(self.latency) if self.latency else None,
                 "error_rate": sum(self.errors) / len(self.errors) if self.errors else None}
 
@@ -101,12 +102,12 @@ class Rollout:
             return "error_rate", f"error rate {cand['error_rate']:.3f} > {g.max_error_rate}"
         if cur["mean_confidence"] is not None and cand["mean_confidence"] is not None and \
                 cur["mean_confidence"] - cand["mean_confidence"] > g.max_confidence_drop:
-            return "confidence", (f"mean confidence {cand['mean_confidence']:.3f} is more than {g.max_confidence_drop} below the "
-                    f"current student's {cur['mean_confidence']:.3f}")
+            return "confidence", (f"mean confidence {cand['mean_confidence']:.3f} is more than "
+                                  f"{g.max_confidence_drop} below the current student's {cur['mean_confidence']:.3f}")
         if cur["median_latency_s"] and cand["median_latency_s"] is not None and \
                 cand["median_latency_s"] > g.max_latency_ratio * cur["median_latency_s"]:
-            return "latency", (f"median latency {cand['median_latency_s']:.3f}s is more than {g.max_latency_ratio}x the current "
-                    f"student's {cur['median_latency_s']:.3f}s")
+            return "latency", (f"median latency {cand['median_latency_s']:.3f}s is more than "
+                               f"{g.max_latency_ratio}x the current student's {cur['median_latency_s']:.3f}s")
         return None
 
     def roll_back(self, what: str, reason: str) -> None:
