@@ -171,7 +171,7 @@ def stage_capture(ctx: Context) -> list[str]:
     store.verify()
     ctx.log(f"capture: {store.manifest['tokens']} tokens, {store.bytes_on_disk() / store.manifest['tokens']:.0f} "
             f"bytes/token at k={r.capture.k}")
-    return ["logits/manifest.json"]
+    return ["logits"]
 
 
 def _teacher_signal(ctx: Context):

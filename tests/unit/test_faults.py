@@ -21,6 +21,7 @@ FAST = {"steps": 4, "eval_every": 4, "eval_blocks": 2, "checkpoint_every": 2, "w
 
 
 def write_recipe(tmp_path: Path, teacher_dir: Path, text: Path, **sections) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = tiny_recipe(tmp_path, teacher_dir, text, distill={**FAST, **sections.pop("distill", {})},
                          evaluate={"eval_blocks": 2}, **sections)
     path = tmp_path / "recipe.yaml"
@@ -148,7 +149,8 @@ def test_a_nan_teacher_stops_training_naming_the_step_and_terms(tiny_teacher_dir
     assert "not finite" in line
     run = tmp_path / "runs" / "v"
     assert not (run / "student").exists() and not list((run / "checkpoints").glob("step-*.pt"))
-    skip = cli("run", recipe, "--set", "distill.on_nonfinite=skip")
+    # (evaluation of a NaN teacher's calibration is itself refused, so it is left out here)
+    skip = cli("run", recipe, "--set", "distill.on_nonfinite=skip", "--set", "evaluate.calibration=false")
     assert skip.exit_code == 0, skip.output
     assert sum("update skipped" in line for line in skip.output.splitlines()) == FAST["steps"]
     from safetensors.torch import load_file
@@ -218,8 +220,7 @@ def test_bad_recipe_files_and_flags_are_one_line_errors(tiny_teacher_dir, lee_fi
     refused(cli("validate", recipe, "--set", "distill.lr=[1,"), "--set", "distill.lr=[1,")
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    line = refused(cli("validate", empty, "--set", "distill.steps=3"), "empty.yaml")
-    assert "student" in line or "data" in line
+    refused(cli("validate", empty, "--set", "distill.steps=3"), "empty.yaml", "Field required")
     refused(cli("validate", recipe, "--set", "distill.steps=true"), "distill.steps")
     refused(cli("validate", recipe, "--set", "distill.steps=0"), "distill.steps")
     refused(cli("validate", recipe, "--set", "distill.warmup_steps=9"), "warmup_steps")
@@ -237,3 +238,29 @@ def test_an_unwritable_run_folder_is_a_one_line_error(tiny_teacher_dir, lee_file
     recipe = write_recipe(tmp_path, tiny_teacher_dir, lee_file)
     (tmp_path / "runs").write_text("a file where the run folder should go")
     refused(cli("run", recipe), "runs")
+
+
+# ---------------------------------------------------------------- the logit store
+
+
+def test_a_flipped_byte_in_the_store_is_refused_by_distill_and_repaired(tiny_teacher_dir, lee_file, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_teacher_dir, lee_file, capture={"k": 16, "temperature": 1.0},
+                          distill={"teacher_source": "store"})
+    run = tmp_path / "runs" / "v"
+    assert cli("prepare", recipe).exit_code == 0 and cli("capture", recipe).exit_code == 0
+    shard = sorted((run / "logits").glob("shard-*"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    line = refused(cli("distill", recipe), shard.name)
+    assert "capture" in line
+    assert not (run / "train.jsonl").exists()  # not one step ran on the damaged store
+    assert cli("capture", recipe, "--repair").exit_code == 0
+    assert cli("run", recipe).exit_code == 0
+    damaged_then_repaired = [json.loads(x)["loss"] for x in (run / "train.jsonl").read_text().splitlines()]
+    clean = write_recipe(tmp_path / "clean", tiny_teacher_dir, lee_file, capture={"k": 16, "temperature": 1.0},
+                         distill={"teacher_source": "store"})
+    assert cli("run", clean).exit_code == 0
+    undamaged = [json.loads(x)["loss"] for x in (tmp_path / "clean" / "runs" / "v" / "train.jsonl")
+                 .read_text().splitlines()]
+    assert damaged_then_repaired == undamaged
