@@ -13,7 +13,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from distillery.serve.app import ServerThread, create_app
+from distillery.serve.app import ServerThread, close_app, create_app
 from distillery.serve.config import ServeConfig
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
@@ -201,6 +201,7 @@ def test_oversized_body_and_request(served):
     assert r.status_code == 413 and "2048" in r.json()["error"]["message"]
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2})
     assert r.status_code == 400 and "3 prompts x n=2" in r.json()["error"]["message"]
+    close_app(app)
 
 
 def test_api_key_on_every_endpoint_but_health(served, monkeypatch):

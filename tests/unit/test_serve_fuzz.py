@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from distillery.serve.app import create_app
+from distillery.serve.app import close_app, create_app
 from distillery.serve.config import ServeConfig
 from tests.unit.test_serve_api import CHATML
 
@@ -25,7 +25,9 @@ def app(trained_tiny_teacher, tiny_tokenizer, tmp_path_factory):
     cfg = ServeConfig(models=[{"name": "tiny", "path": "unused"}, {"name": "other", "path": "unused"}],
                       router={"student": "other", "teacher": "tiny", "threshold": 0.5},
                       limits={"max_tokens": 4, "max_n": 2, "max_logprobs": 5})
-    return create_app(cfg, preloaded={"tiny": (trained_tiny_teacher, tok), "other": (trained_tiny_teacher, tok)})
+    app = create_app(cfg, preloaded={"tiny": (trained_tiny_teacher, tok), "other": (trained_tiny_teacher, tok)})
+    yield app
+    close_app(app)
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

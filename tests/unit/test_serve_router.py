@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from distillery.serve.app import ServerThread, create_app
+from distillery.serve.app import ServerThread, close_app, create_app
 from distillery.serve.calibration import Calibration, choose_threshold, fit_isotonic
 from distillery.serve.config import ServeConfig
 from distillery.serve.drift import DriftMonitor, psi
@@ -220,6 +220,7 @@ def test_calibrate_writes_the_file_the_server_reads(pair, tmp_path):
     served = config(router={"threshold": None, "calibration": str(tmp_path / "router.json")})
     app = create_app(served, preloaded=pair)
     state = app.state.router.state()
+    close_app(app)
     assert state["threshold"] == (None if math.isinf(cal.threshold) else cal.threshold)
     assert state["calibration"]["teacher_share"] == cal.teacher_share
 
@@ -247,6 +248,7 @@ def test_rollout_rolls_back_a_failing_candidate_and_remembers(pair, tmp_path):
     # a restarted server keeps the decision: no traffic to the candidate
     again = create_app(config(**over), preloaded=pair)
     assert again.state.router.rollout.share == 0.0 and again.state.router.rollout.pick() == "current"
+    close_app(again)
 
 
 def test_rollout_gate_on_confidence_and_latency(tmp_path):

@@ -266,6 +266,18 @@ class Gate:
 # ---------------------------------------------------------------- running it
 
 
+def close_app(app: FastAPI) -> None:
+    """Stop what ``create_app`` started (batcher threads, HTTP clients) in an app no server ran; a server
+    does this itself when it shuts down."""
+    import asyncio
+
+    async def close():
+        for b in app.state.backends.values():
+            await b.aclose()
+
+    asyncio.run(close())
+
+
 def serve(config: ServeConfig, **kwargs) -> None:
     """Run the server in the foreground until interrupted (what ``distillery serve`` calls)."""
     import uvicorn
