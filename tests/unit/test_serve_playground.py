@@ -63,5 +63,6 @@ def test_playground_shows_who_answered(trained_tiny_teacher, tiny_tokenizer, tmp
                 page.close()
         finally:
             browser.close()
-    routed = app.state.metrics.routed
-    assert sum(routed.labels(r, r)._value.get() for r in ("student", "teacher")) == 2
+    registry = app.state.metrics.registry
+    assert sum(registry.get_sample_value("distillery:router_requests_total", {"routed_to": r, "model": r}) or 0
+               for r in ("student", "teacher")) == 2

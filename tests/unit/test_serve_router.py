@@ -295,8 +295,8 @@ def test_psi_and_drift_warning(caplog):
         for v in rng.normal(2, 1, 300):
             mon.observe(confidence=float(v))
     assert len(caplog.records) == 1 and "confidence" in caplog.records[0].getMessage()
-    assert m.drift.labels("confidence")._value.get() > 0.2
-    assert m.drift_warnings.labels("confidence")._value.get() == 1
+    assert m.registry.get_sample_value("distillery:drift_psi", {"signal": "confidence"}) > 0.2
+    assert m.registry.get_sample_value("distillery:drift_warnings_total", {"signal": "confidence"}) == 1
 
 
 # ---------------------------------------------------------------- forwarding
