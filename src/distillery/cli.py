@@ -141,6 +141,44 @@ def gate(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
     raise typer.Exit(code)
 
 
+@app.command("serve")
+def serve_cmd(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
+              variant: Optional[str] = typer.Option(None, help="the student variant (default: the gated one)"),
+              port: Optional[int] = typer.Option(None, help="default: serve.port")):
+    """Serve a variant (and the teacher behind the confidence router) on OpenAI-compatible endpoints."""
+    from distillery.serve.app import serve
+    from distillery.serve.from_recipe import serve_config
+
+    r = _recipe(recipe, set)
+    try:
+        config, preloaded = serve_config(r, variant, port=port)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(f"serving {config.models[0].name} (+ teacher, router: {config.router is not None}) on "
+               f"http://{config.host}:{config.port}/v1")
+    serve(config, preloaded=preloaded)
+
+
+route_app = typer.Typer(help="The confidence router.", no_args_is_help=True)
+app.add_typer(route_app, name="route")
+
+
+@route_app.command("calibrate")
+def route_calibrate(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
+                    variant: Optional[str] = typer.Option(None, help="the student variant (default: the gated one)")):
+    """Choose the router's threshold on held-out prompts: the fewest teacher calls reaching serve.calibrate.target
+    of the teacher's quality; writes <run>/router.json, which `distillery serve` reads."""
+    from distillery.serve.from_recipe import calibrate_recipe, calibration_path
+
+    r = _recipe(recipe, set)
+    try:
+        cal = calibrate_recipe(r, variant)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(f"route calibrate: threshold {cal.threshold:.4g}, teacher share {cal.teacher_share:.1%} at target "
+               f"{cal.target:.0%} of the teacher's quality -> {calibration_path(r)}")
+
+
 @app.command()
 def export(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
            variant: str = typer.Option("student", help="student, or a compress variant by name"),
@@ -148,7 +186,7 @@ def export(recipe: Path = RecipeArg, set: Optional[list[str]] = SetOpt,
            gguf_type: str = typer.Option("Q8_0", help="gguf: F32, F16, Q8_0 or Q4_0"),
            out: Optional[Path] = typer.Option(None, help="default: <run>/export/VARIANT.gguf or .../VARIANT/")):
     """Export a variant for serving: a GGUF file, or a plain Hugging Face folder."""
-    from distillery.pipeline import variant_folder
+    from distillery.compress.variants import variant_folder
 
     r = _recipe(recipe, set)
     if variant not in r.variant_names() or variant == "teacher":

@@ -339,14 +339,9 @@ def stage_compress(ctx: Context) -> list[str]:
     return compress_variants(r, inputs, source_digest=ctx.upstream.get("distill") or "")
 
 
-def variant_folder(run: Path, name: str) -> Path:
-    """Where a variant's model is: student_init/, student/, or compressed/NAME/."""
-    return run / (name if name in ("student_init", "student") else f"compressed/{name}")
-
-
 def stage_evaluate(ctx: Context) -> list[str]:
     """Every variant scored the same way, in the format it ships in (evaluate/suite.py)."""
-    from distillery.compress.variants import load_variant
+    from distillery.compress.variants import load_variant, variant_folder
     from distillery.evaluate.suite import evaluate_variants
 
     r, teacher = ctx.recipe, ctx.teacher()

@@ -282,6 +282,17 @@ class QATConfig(Strict):
     group_size: StrictInt = Field(32, ge=8)
 
 
+def env_key(name: str | None, field: str = "api_key_env") -> str | None:
+    """The API key held by the environment variable ``name`` (None when no variable is named); a named
+    variable that is not set is an error, not an anonymous call."""
+    if not name:
+        return None
+    key = os.environ.get(name)
+    if not key:
+        raise RecipeError(f"{field}: ${name} is not set (unset {field} for no key)")
+    return key
+
+
 class EndpointConfig(Strict):
     """An OpenAI-compatible server (vLLM, llama.cpp's server, another Distillery): where it is, which served
     model, and the environment variable that holds its API key."""
@@ -292,13 +303,7 @@ class EndpointConfig(Strict):
     timeout_s: Number = Field(120.0, gt=0)
 
     def api_key(self) -> str | None:
-        """The key from ``api_key_env``; a named variable that is not set is an error, not an anonymous call."""
-        if not self.api_key_env:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise RecipeError(f"api_key_env: ${self.api_key_env} is not set")
-        return key
+        return env_key(self.api_key_env)
 
 
 class SamplingServerConfig(EndpointConfig):
@@ -702,6 +707,61 @@ class GenerateConfig(Strict):
         return self
 
 
+# ---------------------------------------------------------------- serving
+
+
+SCORES = ("mean_prob", "geo_mean_prob", "min_prob", "mean_margin", "min_margin", "neg_entropy")
+
+
+class BatchingConfig(Strict):
+    max_batch_size: StrictInt = Field(8, ge=1, description="sequences generated together in one batch")
+    max_wait_ms: Number = Field(10.0, ge=0, description="how long the oldest waiting request waits for company")
+    max_queue: StrictInt = Field(64, ge=1, description="sequences waiting beyond which requests get 429")
+
+
+class LimitsConfig(Strict):
+    max_tokens: StrictInt = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: StrictInt = Field(16, ge=1, description="max_tokens of a request that names none")
+    max_prompt_tokens: StrictInt | None = Field(None, ge=1, description="default: the model's context length")
+    max_n: StrictInt = Field(8, ge=1)
+    max_logprobs: StrictInt = Field(100, ge=0, description="largest logprobs / top_logprobs / prompt_logprobs")
+    max_body_bytes: StrictInt = Field(4 * 2**20, ge=1024, description="larger request bodies get 413")
+
+
+class DriftConfig(Strict):
+    window: StrictInt = Field(500, ge=10, description="recent router queries compared with the calibration set")
+    min_samples: StrictInt = Field(50, ge=10)
+    bins: StrictInt = Field(10, ge=2)
+    psi_warning: Number = Field(0.2, gt=0, description="PSI above which a warning is logged (0.2: a real shift)")
+
+
+class RouteCalibrationConfig(Strict):
+    """``distillery route calibrate``: the student's answers to held-out prompts, scored against the
+    teacher's, set the threshold that reaches ``target`` of the teacher's quality with the fewest teacher calls."""
+
+    prompts: PromptSourceConfig = PromptSourceConfig(tasks=["arithmetic", "copy", "format"], limit=64)
+    target: Number = Field(0.95, gt=0, le=1)
+    metric: Literal["rouge_l", "exact_match", "token_f1"] = "rouge_l"
+    max_tokens: StrictInt = Field(32, ge=1)
+    chat: bool = Field(True, description="wrap prompts in the chat template")
+
+
+class ServeSection(Strict):
+    """``distillery serve``: the gated variant (or ``--variant``) as the student, the recipe's teacher behind
+    the confidence router, OpenAI-compatible endpoints (serve/)."""
+
+    host: str = "127.0.0.1"
+    port: StrictInt = Field(8000, ge=0, le=65535)
+    api_key_env: str | None = Field(None, description="when set, every endpoint but /health needs this key")
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    router: bool = Field(True, description="serve the confidence cascade (student, then teacher) as `router`")
+    score: Literal[SCORES] = "geo_mean_prob"
+    threshold: Number | None = Field(None, ge=0, description="default: the calibrated one (<run>/router.json)")
+    calibrate: RouteCalibrationConfig = RouteCalibrationConfig()
+    drift: DriftConfig = DriftConfig()
+
+
 class Recipe(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="the run folder's name under run_dir: one "
                       "path component (letters, digits, _ . -), never . or ..")
@@ -719,6 +779,7 @@ class Recipe(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     report: ReportConfig = ReportConfig()
+    serve: ServeSection = ServeSection()
     generate: GenerateConfig | None = None
 
     @field_validator("name")

@@ -13,6 +13,11 @@ from distillery.compress.quantize import load_quantized, quantization_record, sa
 from distillery.io import save_model_folder
 
 
+def variant_folder(run: str | os.PathLike, name: str) -> Path:
+    """Where a variant of a run lives: student_init/, student/, or compressed/NAME/ (docs/pipeline.md)."""
+    return Path(run) / (name if name in ("student_init", "student") else f"compressed/{name}")
+
+
 def load_variant(folder: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Any folder a run writes (student_init/, student/, compressed/NAME/), in the numeric format it was
     saved in: a quantized model stays quantized, a factored one stays factored."""

@@ -350,11 +350,6 @@ def default_prompts(tokenizer, n: int = 16, seed: int = 0) -> list[str]:
     return [render(p, tokenizer, chat=True) for p in make_tasks(n, ["arithmetic", "copy", "format"], seed)]
 
 
-def _variant_folder(run: Path, name: str) -> Path:
-    # the run folder's layout (docs/pipeline.md): student_init/, student/, compressed/NAME/
-    return run / (name if name in ("student_init", "student") else f"compressed/{name}")
-
-
 def measure_variants(models: dict, tokenizer, cfg=None, *, prompts: list[str] | None = None,
                      run: str | os.PathLike | None = None, folders: dict | None = None,
                      loader: str = VARIANT_LOADER, warmup: int = 2, seed: int = 0, log=None) -> dict:
@@ -367,6 +362,8 @@ def measure_variants(models: dict, tokenizer, cfg=None, *, prompts: list[str] | 
     defaults. A variant's folder is ``folders[variant]``, else (with ``run``) ``run/student_init``,
     ``run/student`` or ``run/compressed/<variant>`` when it exists; the teacher has one only if
     ``folders`` names it. ``prompts`` default to :func:`default_prompts`."""
+    from distillery.compress.variants import variant_folder
+
     requests = getattr(cfg, "requests", 20)
     kwargs = {"concurrency": tuple(getattr(cfg, "concurrency", CONCURRENCY)),
               "decoding": DECODING if getattr(cfg, "sampling", True) else ("greedy",),
@@ -376,7 +373,7 @@ def measure_variants(models: dict, tokenizer, cfg=None, *, prompts: list[str] | 
     out = {}
     for name, model in models.items():
         result = measure_speed(model, tokenizer, prompts, **kwargs)
-        folder = folders.get(name) or (_variant_folder(Path(run), name) if run is not None else None)
+        folder = folders.get(name) or (variant_folder(run, name) if run is not None else None)
         if folder is not None and Path(folder).is_dir():
             result["size"] = folder_size(folder)
             if getattr(cfg, "cold_start", True):

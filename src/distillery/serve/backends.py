@@ -555,15 +555,11 @@ def steps_from_logprobs(lp: dict | None) -> dict:
 
 def build_backend(cfg: ModelConfig, *, limits: LimitsConfig, metrics: ServeMetrics, preloaded=None):
     """The backend of one ``models`` entry; ``preloaded`` is an already loaded (model, tokenizer)."""
-    import os
+    from distillery.recipe import env_key
 
     prices = Prices(cfg.price_prompt_per_1k, cfg.price_completion_per_1k)
     if cfg.kind == "openai":
-        key = None
-        if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
-                raise ValueError(f"models.{cfg.name}.api_key_env: ${cfg.api_key_env} is not set")
+        key = env_key(cfg.api_key_env, f"models.{cfg.name}.api_key_env")
         return RemoteBackend(cfg.name, cfg.base_url, remote_model=cfg.remote_model, api_key=key,
                              timeout_s=cfg.timeout_s, metrics=metrics, prices=prices)
     if preloaded is not None:

@@ -1,28 +1,17 @@
 """Settings of the server: which models it serves and how, request limits, the router, rollout and
-drift. Pydantic models with unknown keys rejected, like the recipe's (and meant to move into it)."""
+drift. The parts a recipe's ``serve:`` section also holds (batching, limits, drift) live in recipe.py."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-SCORES = ("mean_prob", "geo_mean_prob", "min_prob", "mean_margin", "min_margin", "neg_entropy")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from distillery.recipe import SCORES, BatchingConfig, DriftConfig, LimitsConfig, Strict, env_key
 
 
-class BatchingConfig(_Strict):
-    max_batch_size: int = Field(8, ge=1, description="sequences generated together in one batch")
-    max_wait_ms: float = Field(10.0, ge=0, description="how long the oldest waiting request waits for company")
-    max_queue: int = Field(64, ge=1, description="sequences waiting beyond which requests get 429")
-
-
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """One model the server answers for under ``name``: loaded in this process (``transformers``:
     ``path`` is a model folder, .gguf file or ``builtin:NAME``) or forwarded to any OpenAI-compatible
     server (``openai``: ``base_url`` without ``/v1``, the name it serves the model under)."""
@@ -49,16 +38,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class LimitsConfig(_Strict):
-    max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
-    default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that names none")
-    max_prompt_tokens: int | None = Field(None, ge=1, description="default: the model's context length")
-    max_n: int = Field(8, ge=1)
-    max_logprobs: int = Field(100, ge=0, description="largest logprobs / top_logprobs / prompt_logprobs")
-    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger request bodies get 413")
-
-
-class RouterConfig(_Strict):
+class RouterConfig(Strict):
     """The confidence cascade served under ``name``: the student answers when its confidence
     (``score``) is at least the threshold, otherwise the teacher does. The threshold is ``threshold``
     if set, else the one in ``calibration`` (written by ``distillery route calibrate``)."""
@@ -71,7 +51,7 @@ class RouterConfig(_Strict):
     calibration: Path | None = None
 
 
-class RolloutGateConfig(_Strict):
+class RolloutGateConfig(Strict):
     min_requests: int = Field(20, ge=1, description="candidate queries seen before the gate is judged")
     window: int = Field(200, ge=1, description="recent queries per arm the gate compares")
     max_confidence_drop: float = Field(0.1, ge=0, description="candidate mean confidence below current by more")
@@ -79,7 +59,7 @@ class RolloutGateConfig(_Strict):
     max_latency_ratio: float = Field(2.0, gt=0, description="candidate median latency over current's")
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(Strict):
     """A share of router traffic goes to ``candidate`` as the student; a regression past ``gate``
     sends it all back to the router's student, and that decision is kept in ``state``."""
 
@@ -90,14 +70,7 @@ class RolloutConfig(_Strict):
     seed: int | None = None
 
 
-class DriftConfig(_Strict):
-    window: int = Field(500, ge=10, description="recent router queries compared with the calibration set")
-    min_samples: int = Field(50, ge=10)
-    bins: int = Field(10, ge=2)
-    psi_warning: float = Field(0.2, gt=0, description="PSI above which a warning is logged (0.2: a real shift)")
-
-
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key_env: str | None = Field(None, description="when set, every endpoint but /health needs this key")
@@ -128,9 +101,4 @@ class ServeConfig(_Strict):
         return self
 
     def api_key(self) -> str | None:
-        if not self.api_key_env:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise ValueError(f"api_key_env: ${self.api_key_env} is not set (unset api_key_env for no key)")
-        return key
+        return env_key(self.api_key_env)
