@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -229,17 +228,22 @@ def make_backend(recipe, teacher=None):
     teacher = teacher or recipe.teacher
     b = cfg.backend
     if b.kind == "openai":
-        key = os.environ.get(b.api_key_env) if b.api_key_env else None
-        if b.api_key_env and not key:
-            raise BackendUnavailable(f"generate.backend.api_key_env: ${b.api_key_env} is not set")
+        from distillery.recipe import RecipeError, env_key
+
+        try:
+            key = env_key(b.api_key_env, "generate.backend.api_key_env")
+        except RecipeError as e:
+            raise BackendUnavailable(str(e)) from None
         return OpenAIBackend(b.base_url, b.model or teacher.model, api_key=key, batch_size=b.batch_size,
                              timeout_s=b.timeout_s)
     if b.kind == "vllm":
         from distillery.models.load import resolve_source
 
+        if teacher.keep_layers is not None:
+            raise BackendUnavailable("teacher.keep_layers: vLLM serves a model folder whole; use backend "
+                                     "transformers for a teacher cut to some layers")
         return VLLMBackend(resolve_source(teacher.model, recipe.cache_dir, teacher.gguf_file)[0], b.batch_size)
-    from distillery.models.load import load_model
+    from distillery.models.teacher import load_teacher
 
-    loaded = load_model(teacher.model, device=teacher.device, dtype=teacher.dtype, cache=recipe.cache_dir,
-                        gguf_file=teacher.gguf_file, offload=teacher.offload)
-    return TransformersBackend(loaded.model, loaded.tokenizer, teacher.model, b.batch_size)
+    loaded = load_teacher(teacher, recipe.cache_dir)  # keep_layers applies here as for every teacher
+    return TransformersBackend(loaded.model, loaded.tokenizer, loaded.source, b.batch_size)
