@@ -18,14 +18,16 @@ COMPRESS = [
     {"name": "pruned-int8", "from": "pruned", "steps": [{"quantize": {"scheme": "int8_dynamic",
                                                                        "backend": "torch_dynamic"}}]},
 ]
-RULES = ["kl_to_teacher <= 5", "ece <= teacher.ece + 0.5", "accuracy >= 0.0",
+RULES = ["kl_to_teacher <= 5", "ece <= teacher.ece + 0.5", "accuracy >= 0.0", "latency_p50 <= 100.0",
          "accuracy not worse than student_init (paired, p < 0.05)"]
 
 
 def recipe_file(tmp_path, teacher_dir, text, **changes):
     recipe = tiny_recipe(tmp_path, teacher_dir, text, distill={"steps": 6, "eval_every": 6, "eval_blocks": 2,
                                                                "checkpoint_every": 6, "warmup_steps": 1},
-                         evaluate={"eval_blocks": 4, "tasks": [{"name": "sentiment", "limit": 12}]},
+                         evaluate={"eval_blocks": 4, "tasks": [{"name": "sentiment", "limit": 12}],
+                                   "speed": {"requests": 2, "new_tokens": 2, "concurrency": [1, 2],
+                                             "cold_start": False}},
                          compress=COMPRESS, gate={"rules": RULES})
     recipe.update(changes)
     path = tmp_path / "r.yaml"
@@ -50,7 +52,7 @@ def test_compress_evaluate_gate(tiny_teacher_dir, lee_file, tmp_path):
     table = json.loads((run / "eval" / "metrics.json").read_text())
     for variant in ("teacher", "student_init", "student", "pruned", "pruned-int8"):
         m = table["metrics"][variant]
-        assert {"perplexity", "kl_to_teacher", "ece", "accuracy"} <= set(m), (variant, m)
+        assert {"perplexity", "kl_to_teacher", "ece", "accuracy", "latency_p50", "tokens_per_s_c2_greedy"} <= set(m)
         assert len(table["per_example"][variant]["accuracy"]) == 12
     gate = json.loads((run / "gate.json").read_text())
     assert gate["passed"] and [r["variant"] for r in gate["rules"]] == ["pruned-int8"] * len(RULES)
