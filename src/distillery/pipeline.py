@@ -1,8 +1,9 @@
-"""The stages of a recipe over its run folder, with a manifest that makes re-runs cheap.
+"""The stages of a recipe over its run folder: one ``Stage`` record each in ``STAGES``, run in order.
 
-A stage is skipped when the manifest says it completed with the same input hash and its outputs
-are still there; each stage's input hash covers its recipe sections and the hashes of the stages it
-reads from, so changing the data re-runs everything downstream and nothing upstream.
+A stage is skipped when the manifest says it completed with the same input hash and every output file
+it recorded is intact (manifest.py); its input hash covers its recipe sections, the content of the
+local files they name, and what the stages it reads from wrote, so changing the data re-runs
+everything downstream and nothing upstream.
 """
 
 from __future__ import annotations

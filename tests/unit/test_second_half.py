@@ -54,6 +54,10 @@ def test_compress_evaluate_gate(tiny_teacher_dir, lee_file, tmp_path):
         m = table["metrics"][variant]
         assert {"perplexity", "kl_to_teacher", "ece", "accuracy", "latency_p50", "tokens_per_s_c2_greedy"} <= set(m)
         assert len(table["per_example"][variant]["accuracy"]) == 12
+    paired = json.loads((run / "eval" / "paired.json").read_text())
+    row = next(r for r in paired if r["variant"] == "student" and r["against"] == "student_init"
+               and r["metric"] == "accuracy")
+    assert row["test"] == "mcnemar" and row["n"] == 12 and 0 <= row["p_value"] <= 1
     gate = json.loads((run / "gate.json").read_text())
     assert gate["passed"] and [r["variant"] for r in gate["rules"]] == ["pruned-int8"] * len(RULES)
     # The same rules with an impossible bar fail, naming the rule, with exit code 1; a bad rule is exit 2.

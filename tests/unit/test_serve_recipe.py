@@ -35,6 +35,10 @@ def test_route_calibrate_then_serve_the_recipe(tiny_teacher_dir, lee_file, tmp_p
     assert result.exit_code == 0, result.output
     cal = json.loads((tmp_path / "runs" / "v" / "router.json").read_text())
     assert 0.0 <= cal["teacher_share"] <= 1.0 and "threshold" in cal
+    from distillery.report.html import write_report
+
+    page = write_report(tmp_path / "runs" / "v").read_text()
+    assert 'id="router"' in page and "calibration prompts" in page  # the cost-quality curve is in the report
     config, preloaded = serve_config(load_recipe(path))
     with ServerThread(create_app(config, preloaded=preloaded)) as server:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")

@@ -55,6 +55,8 @@ def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teache
         for v in wanted:
             metrics[v].update(task_metrics.get(v, {}))
         metrics["slices"].update(task_metrics.get("slices", {}))
+    if cfg.tasks:
+        outputs["eval/paired.json"] = paired_comparisons(per_example, seed=cfg.tasks[0].seed)
     if cfg.speed is not None:
         from distillery.evaluate.speed import measure_variants
 
@@ -72,6 +74,33 @@ def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teache
             f"   top-1 agreement {m['top1_agreement']:.3f}" + (f"   ECE {metrics[name]['ece']:.4f}"
                                                              if "ece" in metrics[name] else ""))
     return sorted(outputs)
+
+
+def paired_comparisons(per_example: dict, *, against: tuple[str, ...] = ("teacher", "student_init"),
+                       seed: int = 0) -> list[dict]:
+    """Every variant against the teacher and the cut student on the same examples, per metric: the
+    difference, its paired-bootstrap interval, and McNemar's exact p for 0/1 scores (else the bootstrap's)."""
+    from distillery.evaluate.stats import mcnemar, paired_bootstrap
+
+    rows = []
+    variants = [v for v in per_example if v != "slices"]
+    for base in against:
+        for v in variants:
+            if v == base or base not in per_example:
+                continue
+            for metric, scores in per_example[v].items():
+                theirs = per_example[base].get(metric, {})
+                keys = [k for k in scores if k in theirs]
+                if not keys:
+                    continue
+                a, b = [scores[k] for k in keys], [theirs[k] for k in keys]
+                boot = paired_bootstrap(a, b, seed=seed)
+                binary = all(x in (0, 1) for x in a + b)
+                rows.append({"variant": v, "against": base, "metric": metric, "difference": boot["difference"],
+                             "interval": [boot["low"], boot["high"]],
+                             "p_value": mcnemar(a, b)["p_value"] if binary else boot["p_value"],
+                             "test": "mcnemar" if binary else "paired_bootstrap", "n": len(keys)})
+    return rows
 
 
 def _only(results: dict, wanted: list[str]) -> dict:

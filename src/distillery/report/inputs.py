@@ -21,6 +21,7 @@ FILES = {
     "robustness": "eval/robustness.json",
     "review": "eval/review.json",
     "gate": "gate.json",
+    "router": "router.json",
     "card": "data/card.md",
 }
 # lm-eval results as evaluate/lmeval.write_lmeval stores them: eval/<variant>/lmeval_<task>.json

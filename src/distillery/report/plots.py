@@ -184,3 +184,22 @@ def pareto(charts: list[tuple[str, str, dict[str, tuple[float, float]]]], qualit
         ax.legend(fontsize=8)
         out.append(png(fig))
     return out
+
+
+def router_curve(curve: list[dict], threshold: float | None, target_quality: float | None) -> list[str]:
+    """The router's cost-quality curve: the share of queries sent to the teacher against the quality
+    expected (isotonic) and measured on the calibration prompts, with the chosen operating point."""
+    fig, ax = _figure()
+    share = [c["teacher_share"] for c in curve]
+    ax.plot(share, [c["expected_quality"] for c in curve], label="expected (isotonic)")
+    ax.plot(share, [c["quality"] for c in curve], linestyle="--", label="measured")
+    if target_quality is not None:
+        ax.axhline(target_quality, color="grey", linewidth=0.8, label="target")
+    chosen = [c for c in curve if threshold is not None and c["threshold"] == threshold]
+    if chosen:
+        ax.scatter([chosen[0]["teacher_share"]], [chosen[0]["expected_quality"]], color="black", zorder=3,
+                   label=f"threshold {threshold:.3g}")
+    ax.set_xlabel("share of queries answered by the teacher")
+    ax.set_ylabel("quality")
+    ax.legend(fontsize="small")
+    return [png(fig)]

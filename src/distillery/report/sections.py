@@ -299,6 +299,15 @@ def stages_section(manifest: dict) -> str:
     return table(["stage", "status", "seconds"], rows) if rows else ""
 
 
+def router_section(router: dict) -> str:
+    """The confidence router's calibration (router.json, written by `distillery route calibrate`)."""
+    goal = router["target"] * router.get("teacher_quality", 1.0)
+    text = (f"<p>Score {esc(router['score'])}, metric {esc(router['metric'])}, {router['n']} calibration prompts: "
+            f"threshold {num(router.get('threshold'))} sends {router['teacher_share']:.0%} of queries to the "
+            f"teacher for an expected quality of {router['expected_quality']:.3f} (target {goal:.3f}).</p>")
+    return text + figures(plots.router_curve(router["curve"], router.get("threshold"), goal), "router cost-quality")
+
+
 def recipe_section(recipe: str) -> str:
     return f"<pre>{esc(recipe)}</pre>"
 
@@ -312,6 +321,7 @@ SECTIONS = [
     ("calibration", "Calibration", (), calibration_section),
     ("speed", "Speed, memory and size", ("speed",), lambda i: speed_section(i["speed"])),
     ("pareto", "Quality against cost", ("speed",), pareto_section),
+    ("router", "Confidence router", ("router",), lambda i: router_section(i["router"])),
     ("robustness", "Robustness", ("robustness",), lambda i: robustness_section(i["robustness"])),
     ("review", "Human review", ("review",), lambda i: review_section(i["review"])),
     ("lmeval", "Peer evaluator (lm-evaluation-harness)", ("lmeval",), lmeval_section),
