@@ -350,7 +350,7 @@ def format_table(results: list[dict]) -> str:
 
 def known_metrics(e) -> list[str]:
     """The metric names an evaluation with these settings (``EvaluateConfig``) produces."""
-    names = ["perplexity", "nll", "kl_to_teacher", "top1_agreement"]
+    names = ["perplexity", "nll", "kl_to_teacher", "top1_agreement", "bits_per_byte", "word_perplexity"]
     if e.calibration:
         names += ["ece", "mce"]
     kinds = {t.name for t in e.tasks}

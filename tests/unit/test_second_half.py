@@ -86,3 +86,27 @@ def test_bad_compress_and_gate_sections_are_refused_by_validate(tiny_teacher_dir
     assert result.exit_code == 2, result.output
     for w in words:
         assert w in result.output, (w, result.output)
+
+
+def test_bits_per_byte_and_word_perplexity_from_the_model_loss(trained_tiny_teacher, tiny_tokenizer, lee_text):
+    """Against transformers' own loss: the summed NLL of every predicted token over the bytes and words of
+    the text those tokens spell."""
+    import math
+
+    import torch
+
+    from distillery.evaluate.quality import evaluate_models
+    from distillery.evaluate.suite import per_text_unit, text_units
+
+    ids = tiny_tokenizer(lee_text[:4000])["input_ids"]
+    blocks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)[:6]
+    scores = evaluate_models({"m": trained_tiny_teacher}, blocks)["m"]
+    with torch.no_grad():
+        total = sum(float(trained_tiny_teacher(input_ids=b[None], labels=b[None]).loss) * (len(b) - 1) for b in blocks)
+    text = "".join(tiny_tokenizer.decode(b[1:].tolist()) for b in blocks)
+    units = text_units(tiny_tokenizer, {"input_ids": blocks})
+    assert units["bytes"] == len(text.encode("utf-8"))
+    got = per_text_unit(scores, units)
+    assert abs(got["bits_per_byte"] - total / (len(text.encode()) * math.log(2))) < 1e-5
+    words = sum(len(tiny_tokenizer.decode(b[1:].tolist()).split()) for b in blocks)
+    assert abs(math.log(got["word_perplexity"]) - total / words) < 1e-5

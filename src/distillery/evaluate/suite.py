@@ -10,6 +10,7 @@ bins), ``tasks.json`` (each task's summary per variant; per-example results in `
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,9 @@ def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teache
     held = head(held, cfg.eval_blocks)
     summary = _only(evaluate_models(models, held, teacher=teacher, batch_size=cfg.batch_size, progress=progress),
                     wanted)
+    units = text_units(tokenizer, held)
+    for m in summary.values():
+        m.update(per_text_unit(m, units))
     outputs = {"eval/summary.json": summary}
     metrics: dict = {v: dict(m) for v, m in summary.items()}
     metrics["slices"], per_example = {}, {"slices": {}}
@@ -74,6 +78,32 @@ def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teache
             f"   top-1 agreement {m['top1_agreement']:.3f}" + (f"   ECE {metrics[name]['ece']:.4f}"
                                                              if "ece" in metrics[name] else ""))
     return sorted(outputs)
+
+
+def text_units(tokenizer, examples: Examples) -> dict[str, int]:
+    """UTF-8 bytes and whitespace-separated words of the text the scored tokens spell (position t predicts
+    token t+1; prompt and padding targets are not scored), so models with different tokenizers compare."""
+    ids = examples["input_ids"]
+    labels = examples.get("labels")
+    mask = examples.get("attention_mask")
+    n_bytes = n_words = 0
+    for i in range(len(ids)):
+        keep = torch.ones(ids.shape[1] - 1, dtype=torch.bool)
+        if labels is not None:
+            keep &= labels[i, 1:] != -100
+        if mask is not None:
+            keep &= mask[i, 1:].bool()
+        text = tokenizer.decode(ids[i, 1:][keep].tolist())
+        n_bytes += len(text.encode("utf-8"))
+        n_words += len(text.split())
+    return {"bytes": n_bytes, "words": n_words}
+
+
+def per_text_unit(scores: dict, units: dict[str, int]) -> dict[str, float]:
+    """Bits per byte and word-level perplexity from a model's mean token NLL over ``scores["tokens"]``."""
+    total = scores["nll"] * scores["tokens"]
+    return {"bits_per_byte": total / (units["bytes"] * math.log(2)) if units["bytes"] else math.nan,
+            "word_perplexity": math.exp(total / units["words"]) if units["words"] else math.nan}
 
 
 def paired_comparisons(per_example: dict, *, against: tuple[str, ...] = ("teacher", "student_init"),
