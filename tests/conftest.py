@@ -67,3 +67,17 @@ def lee_file(lee_text, tmp_path) -> Path:
     path = tmp_path / "lee.txt"
     path.write_text(lee_text[:60_000])
     return path
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer(tiny_tokenizer, tmp_path_factory):
+    """A copy of the tiny tokenizer with a ChatML chat template (the session one stays template-free)."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import CHATML
+
+    folder = tmp_path_factory.mktemp("chatml-tok")
+    tiny_tokenizer.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHATML
+    return tok

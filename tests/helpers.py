@@ -17,6 +17,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY_VOCAB = 512
 
+# A ChatML chat template for the tiny tokenizer (which has none), as SmolLM2's.
+CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+
 
 def tiny_llama(layers: int = 4, seed: int = 0, hidden: int = 32, vocab: int = TINY_VOCAB, heads: int = 4,
                kv_heads: int = 2):

@@ -16,20 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from distillery.serve.app import ServerThread, close_app, create_app
 from distillery.serve.config import ServeConfig
 
-CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
-
-
 @pytest.fixture(scope="module")
-def served(trained_tiny_teacher, tiny_tokenizer, tmp_path_factory):
-    """(model, tokenizer) where the tokenizer is a copy with a ChatML template (the session one is shared)."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tok")
-    tiny_tokenizer.save_pretrained(folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = CHATML
-    return trained_tiny_teacher, tok
+def served(trained_tiny_teacher, chatml_tokenizer):
+    """(model, tokenizer with a ChatML template)."""
+    return trained_tiny_teacher, chatml_tokenizer
 
 
 def make_app(served, **overrides):

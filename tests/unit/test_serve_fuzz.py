@@ -8,19 +8,13 @@ from hypothesis import HealthCheck, given, settings
 
 from distillery.serve.app import close_app, create_app
 from distillery.serve.config import ServeConfig
-from tests.unit.test_serve_api import CHATML
 
 EXAMPLES = 30  # per operation and mode: bounded, a few seconds on the tiny model
 
 
 @pytest.fixture(scope="module")
-def app(trained_tiny_teacher, tiny_tokenizer, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tok")
-    tiny_tokenizer.save_pretrained(folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = CHATML
+def app(trained_tiny_teacher, chatml_tokenizer):
+    tok = chatml_tokenizer
     # Small limits keep each fuzzed generation short; the router is fuzzed along with the models.
     cfg = ServeConfig(models=[{"name": "tiny", "path": "unused"}, {"name": "other", "path": "unused"}],
                       router={"student": "other", "teacher": "tiny", "threshold": 0.5},

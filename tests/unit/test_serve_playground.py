@@ -10,17 +10,13 @@ from distillery.serve.app import ServerThread, create_app
 from distillery.serve.config import ServeConfig
 from tests.helpers import tiny_llama
 from tests.unit.test_report import _artifacts, _chromium
-from tests.unit.test_serve_api import CHATML
 
 
-def test_playground_shows_who_answered(trained_tiny_teacher, tiny_tokenizer, tmp_path, monkeypatch):
+def test_playground_shows_who_answered(trained_tiny_teacher, chatml_tokenizer, tmp_path, monkeypatch):
     from playwright.sync_api import sync_playwright
-    from transformers import AutoTokenizer
 
     executable = _chromium()
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    tok.chat_template = CHATML
+    tok = chatml_tokenizer
     monkeypatch.setenv("PLAYGROUND_KEY", "k3y")
     cfg = ServeConfig(models=[{"name": "student", "path": "unused"}, {"name": "teacher", "path": "unused"}],
                       router={"student": "student", "teacher": "teacher", "threshold": 0.25},

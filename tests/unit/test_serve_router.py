@@ -19,18 +19,12 @@ from distillery.serve.config import ServeConfig
 from distillery.serve.drift import DriftMonitor, psi
 from distillery.serve.router import calibrate_config, confidence
 from tests.helpers import tiny_llama
-from tests.unit.test_serve_api import CHATML
 
 
 @pytest.fixture(scope="module")
-def pair(trained_tiny_teacher, tiny_tokenizer, tmp_path_factory):
+def pair(trained_tiny_teacher, chatml_tokenizer):
     """teacher = the trained tiny model; student = an untrained 2-layer one (unsure of everything)."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tok")
-    tiny_tokenizer.save_pretrained(folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = CHATML
+    tok = chatml_tokenizer
     return {"student": (tiny_llama(layers=2, seed=3), tok), "teacher": (trained_tiny_teacher, tok)}
 
 
