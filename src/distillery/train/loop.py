@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -126,7 +127,7 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
         update = _finite(terms, gnorm, step, cfg, log)
         if update:
             opt.step()
-        sched.step()
+        _schedule_step(sched, update)
         opt.zero_grad(set_to_none=True)
         rec = {"step": step + 1, **terms, "lr": sched.get_last_lr()[0], "grad_norm": gnorm, "tokens": n_tokens,
                "tokens_per_s": n_tokens / (time.perf_counter() - t0), **_memory(device), **({} if update else {"skipped": 1})}
@@ -143,6 +144,17 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
             break
     logger.close()
     return records
+
+
+def _schedule_step(sched, updated: bool) -> None:
+    """The schedule is a function of the step, so it advances on a skipped update too; torch warns when
+    that happens before any optimizer step, which here is intended."""
+    if updated:
+        sched.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+        sched.step()
 
 
 class NonFiniteLossError(RuntimeError):
