@@ -4,20 +4,22 @@ One process, one distilled student, every comparison side by side:
 
 1. The student: the teacher's 15 most influential layers (block influence), distilled for a few steps
    (forward KL + 0.5 CE on Austen). Pruned to half the *teacher's* parameters (82.6% of its own) by
-   width (MLP channels + hidden size) and by depth (whole layers: 15 -> 11), and by width to half of its
+   width (MLP channels + hidden size) and by depth (whole layers: 15 -> 11, layers ranked by block
+   influence and, separately, by the calibration loss rise when skipped), and by width to half of its
    own; each saved and reloaded with plain ``AutoModelForCausalLM.from_pretrained``:
    ``width_param_error``, ``depth_param_error`` = |params - target| / target. (Depth alone cannot reach
    half the *student* within 2%: one layer is 4.3% of it.)
-2. Iterative vs one-shot, same final size (depth, 15 -> 11 layers) and the same re-distillation
-   examples: one-shot prunes to the target and re-distils N steps; iterative prunes a share, re-distils
-   N/k steps, k times, each share ranked on the re-distilled model (``iterative_over_oneshot_ppl``).
+2. Iterative vs one-shot, same final size (depth, 15 -> 11 layers, ranked by skip loss) and the same
+   re-distillation examples: one-shot prunes to the target and re-distils N steps; iterative prunes a
+   share, re-distils N/k steps, k times, each share ranked on the re-distilled model
+   (``iterative_over_oneshot_ppl``).
 3. int4 weight-only: QAT re-distillation (``DistillConfig.qat`` -> ``prepare_qat``) then ``convert_qat``,
    vs the same re-distillation steps without QAT then post-training ``quantize(.., "int4_weight_only")``
    (``qat_over_ptq_ppl``), and vs PTQ of the distilled student as it is (``qat_over_ptq_direct_ppl``).
 4. Low-rank MLP linears at ``param_ratio=0.5``: activation-aware (SVD-LLM whitening) vs plain SVD, no
    re-distillation (``asvd_over_svd_ppl``); then the ASVD model re-distilled vs not
    (``lowrank_redistill_over_plain_ppl``).
-5. Speed and memory: the final student (the iterative result, half the teacher's parameters, int8
+5. Speed and memory: the final student (the better of the two, half the teacher's parameters, int8
    dynamic with ``backend="auto"``) against the fp32 teacher in this process, batch 1, greedy, 128 new
    tokens (EOS suppressed), interleaved repeats, ``--speed-threads`` torch threads (1 by default: on a
    loaded 2-core machine two threads make every small matmul wait on a neighbour):
@@ -171,10 +173,11 @@ def run(args, work: Path) -> None:
 
     t0 = time.perf_counter()
     sizes = {}
-    for name, target, axes in (("width", half_teacher, ("mlp_channels", "hidden")),
-                               ("depth", half_teacher, ("layers",)),
-                               ("width_half_student", 0.5, ("mlp_channels", "hidden"))):
-        result = prune_to_target(student, calib, target, axes=axes)
+    for name, target, axes, method in (("width", half_teacher, ("mlp_channels", "hidden"), "influence"),
+                                       ("depth", half_teacher, ("layers",), "influence"),
+                                       ("depth_skip_loss", half_teacher, ("layers",), "loss"),
+                                       ("width_half_student", 0.5, ("mlp_channels", "hidden"), "influence")):
+        result = prune_to_target(student, calib, target, axes=axes, depth_method=method)
         folder = work / f"pruned-{name}"
         save_model_folder(result.model, folder, tok)
         reloaded = AutoModelForCausalLM.from_pretrained(folder)
@@ -183,7 +186,7 @@ def run(args, work: Path) -> None:
         with torch.no_grad():
             diff = (reloaded(input_ids=held[:1]).logits - result.model.eval()(input_ids=held[:1]).logits).abs().max()
         sizes[name] = {"params": n, "target": goal, "config": result.report["config"],
-                       "reload_max_logit_diff": float(diff)}
+                       "kept_layers": result.report["kept_layers"], "reload_max_logit_diff": float(diff)}
         metrics[f"{name}_param_error"] = abs(n - goal) / goal
         metrics[f"{name}_params"] = n
         if name != "width_half_student":
@@ -196,20 +199,22 @@ def run(args, work: Path) -> None:
     # One-shot's N steps see these examples; iterative stage j trains on exactly the j-th N/k steps' share
     # of them (each once, in another order), so both spend the same tokens on the same text.
     order = torch.cat([step_indices(i, BATCH, len(train_blocks), args.seed) for i in range(n_redistill)])
-    print(f"one-shot: the depth-pruned model ({half_teacher:,} parameters), re-distilled {n_redistill} steps")
-    models["oneshot"] = distil(copy.deepcopy(models["depth_pruned"]), n_redistill, data=train_blocks[order],
-                               name="oneshot")
+    print(f"one-shot: the depth-pruned model (skip-loss ranking, {half_teacher:,} parameters), re-distilled "
+          f"{n_redistill} steps")
+    models["oneshot"] = distil(copy.deepcopy(models["depth_skip_loss_pruned"]), n_redistill,
+                               data=train_blocks[order], name="oneshot")
     k, per = args.stages, n_redistill // args.stages
     iterative, start = student, count_params(student)
     for j in range(1, k + 1):
         goal = half_teacher if j == k else round(start * (half_teacher / start) ** (j / k))
-        pruned = prune_to_target(iterative, calib, goal, axes=("layers",), tolerance=0.02 if j == k else 0.1)
+        pruned = prune_to_target(iterative, calib, goal, axes=("layers",), depth_method="loss",
+                                 tolerance=0.02 if j == k else 0.1)
         iterative = pruned.model
-        print(f"iterative {j}/{k}: {count_params(iterative):,} parameters "
-              f"({pruned.report['config']['num_hidden_layers']} layers), re-distil {per} steps")
+        print(f"iterative {j}/{k}: {count_params(iterative):,} parameters (kept layers "
+              f"{pruned.report['kept_layers']}), re-distil {per} steps")
         share = order[(j - 1) * per * BATCH: j * per * BATCH]
         iterative = distil(iterative, per, data=train_blocks[share], name=f"iterative_{j}")
-    models["iterative"] = final_float = iterative
+    models["iterative"] = iterative
     metrics.update(params_oneshot=count_params(models["oneshot"]), params_iterative=count_params(iterative))
 
     # ---- 3. int4 weight-only: QAT re-distillation + convert vs the same steps without QAT + PTQ
@@ -230,20 +235,8 @@ def run(args, work: Path) -> None:
     metrics["lowrank_params_fraction"] = metrics["lowrank_asvd_params"] / count_params(student)
     models["lowrank_asvd_redistilled"] = distil(copy.deepcopy(models["lowrank_asvd"]), lowrank_steps, name="lowrank")
 
-    # ---- 5. the final student (iterative, half the teacher's parameters) in int8 vs the fp32 teacher
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.speed_threads)
-    choice = choose_backend(final_float, "int8_dynamic", train_blocks[:1, :32])
-    final = quantize(copy.deepcopy(final_float), "int8_dynamic", backend=choice.backend)
-    print(f"int8 backend: {choice.backend} (median forward seconds {choice.seconds}, float {choice.float_seconds})")
-    # torchao int8 weight-only beside it: no activation quantization (SmolLM's MLP inputs have outliers
-    # thousands of times their mean, which a per-tensor activation scale cannot hold)
-    final_wo = quantize(copy.deepcopy(final_float), "int8_weight_only", backend="torchao")
-    torch.set_num_threads(threads)
-    models.update(final_int8=final, final_int8_weight_only=final_wo)
     t0 = time.perf_counter()
     s = ppl(models)
-    seconds["evaluate"] = time.perf_counter() - t0
     for name, score in s.items():
         metrics[f"ppl_{name}"] = score["perplexity"]
         metrics[f"kl_{name}"] = score.get("kl_to_teacher", 0.0)
@@ -251,8 +244,29 @@ def run(args, work: Path) -> None:
         ("iterative_over_oneshot_ppl", "iterative", "oneshot"), ("qat_over_ptq_ppl", "qat_int4", "ptq_int4"),
         ("qat_over_ptq_direct_ppl", "qat_int4", "ptq_direct_int4"),
         ("asvd_over_svd_ppl", "lowrank_asvd", "lowrank_svd"),
-        ("lowrank_redistill_over_plain_ppl", "lowrank_asvd_redistilled", "lowrank_asvd"))}
+        ("lowrank_redistill_over_plain_ppl", "lowrank_asvd_redistilled", "lowrank_asvd"),
+        ("depth_skip_loss_over_influence_ppl", "depth_skip_loss_pruned", "depth_pruned"))}
     metrics.update(ratio, iterative_over_oneshot_kl=metrics["kl_iterative"] / metrics["kl_oneshot"])
+
+    # ---- 5. the final student (the better of one-shot and iterative: half the teacher's parameters) in int8,
+    # against the fp32 teacher
+    final_name = min(("oneshot", "iterative"), key=lambda n: metrics[f"ppl_{n}"])
+    final_float = models[final_name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.speed_threads)
+    choice = choose_backend(final_float, "int8_dynamic", train_blocks[:1, :32])
+    final = quantize(copy.deepcopy(final_float), "int8_dynamic", backend=choice.backend)
+    print(f"final student: {final_name}; int8 backend: {choice.backend} (median forward seconds {choice.seconds}, "
+          f"float {choice.float_seconds})")
+    # torchao int8 weight-only beside it: no activation quantization (SmolLM's MLP inputs have outliers
+    # thousands of times their mean, which a per-tensor activation scale cannot hold)
+    final_wo = quantize(copy.deepcopy(final_float), "int8_weight_only", backend="torchao")
+    torch.set_num_threads(threads)
+    s = ppl({"final_int8": final, "final_int8_weight_only": final_wo})
+    for name, score in s.items():
+        metrics[f"ppl_{name}"] = score["perplexity"]
+        metrics[f"kl_{name}"] = score.get("kl_to_teacher", 0.0)
+    seconds["evaluate"] = time.perf_counter() - t0
     torch.set_num_threads(args.speed_threads)
     prompts = default_prompts(tok, max(repeats, 4))
     speed_models = {"teacher": T, "final_int8": final, "final_int8_weight_only": final_wo, "final_fp32": final_float}
@@ -281,7 +295,7 @@ def run(args, work: Path) -> None:
         weight_bytes_final_int8_weight_only=weight_bytes(final_wo), weight_bytes_final_fp32=weight_bytes(final_float),
         peak_rss_teacher=rss["teacher"], peak_rss_final_int8=rss["final_int8"],
         params_final=count_params(final_float), params_final_over_teacher=count_params(final_float) / teacher_params,
-        ppl_final_fp32=metrics["ppl_iterative"], kl_final_fp32=metrics["kl_iterative"])
+        ppl_final_fp32=metrics[f"ppl_{final_name}"], kl_final_fp32=metrics[f"kl_{final_name}"])
     metrics["memory_ratio_int8_weight_only"] = metrics["weight_bytes_final_int8_weight_only"] / metrics[
         "weight_bytes_teacher"]
     metrics["memory_ratio"] = metrics["weight_bytes_final_int8"] / metrics["weight_bytes_teacher"]
@@ -294,7 +308,8 @@ def run(args, work: Path) -> None:
         ("cut (15 layers)", "ppl_cut", "kl_cut"),
         ("distilled student", "ppl_student", "kl_student"),
         ("width-pruned to half the teacher", "ppl_width_pruned", "kl_width_pruned"),
-        ("depth-pruned to half the teacher", "ppl_depth_pruned", "kl_depth_pruned"),
+        ("depth-pruned to half (influence)", "ppl_depth_pruned", "kl_depth_pruned"),
+        ("depth-pruned to half (skip loss)", "ppl_depth_skip_loss_pruned", "kl_depth_skip_loss_pruned"),
         ("one-shot depth -> 11 layers", "ppl_oneshot", "kl_oneshot"),
         ("iterative depth -> 11 layers", "ppl_iterative", "kl_iterative"),
         ("int4 PTQ (distilled)", "ppl_ptq_direct_int4", "kl_ptq_direct_int4"),
@@ -303,8 +318,8 @@ def run(args, work: Path) -> None:
         ("low-rank MLP SVD", "ppl_lowrank_svd", "kl_lowrank_svd"),
         ("low-rank MLP ASVD", "ppl_lowrank_asvd", "kl_lowrank_asvd"),
         ("low-rank ASVD re-distilled", "ppl_lowrank_asvd_redistilled", "kl_lowrank_asvd_redistilled"),
-        ("final (iterative, int8, %s)" % choice.backend, "ppl_final_int8", "kl_final_int8"),
-        ("final (iterative, int8 weight-only)", "ppl_final_int8_weight_only", "kl_final_int8_weight_only"))],
+        (f"final ({final_name}, int8, {choice.backend})", "ppl_final_int8", "kl_final_int8"),
+        (f"final ({final_name}, int8 weight-only)", "ppl_final_int8_weight_only", "kl_final_int8_weight_only"))],
         ("model", "held-out ppl", "KL to teacher"))
     checks = [("width_param_error", "<=", 0.02), ("depth_param_error", "<=", 0.02),
               ("iterative_over_oneshot_ppl", "<=", 1.0), ("qat_over_ptq_ppl", "<", 1.0),
@@ -323,7 +338,8 @@ def run(args, work: Path) -> None:
         "lowrank_steps": lowrank_steps, "batch_size": BATCH, "block_size": 128, "lr": 2e-4, "seed": args.seed,
         "eval_blocks": n_eval, "calibration_blocks": n_calib, "kept_layers": keep,
         "train": "austen (P&P, Persuasion, Emma)", "losses": "forward KL (T=1) + 0.5 x CE",
-        "prune_targets": sizes, "iterative_axes": ["layers"], "int4": "int4_weight_only, group 32 (torchao Intx)",
+        "prune_targets": sizes, "iterative": "depth (layers), ranked by skip loss", "final_student": final_name,
+        "int4": "int4_weight_only, group 32 (torchao Intx)",
         "lowrank": "model.layers.*.mlp.*, param_ratio 0.5", "int8_backend": choice.to_dict(),
         "speed": {"new_tokens": new_tokens, "repeats": repeats, "batch": 1, "decoding": "greedy, EOS suppressed",
                   "threads": args.speed_threads, "tokens_per_s": tps, "ratio_per_round": rounds,
