@@ -15,6 +15,7 @@ from distillery.compress.quantize import (
     choose_backend,
     convert_qat,
     load_quantized,
+    parameter_count,
     qat_scheme,
     quantize,
     save_quantized,
@@ -76,6 +77,7 @@ def test_quantized_outputs_are_close_reload_equal_and_smaller(scheme, backend, m
     # the float embedding/head (33k of 180k parameters) stays: int8 elsewhere gives ~0.43x
     assert _disk(folder) < 0.5 * _disk(tmp_path / "float")
     assert weight_bytes(q) < 0.5 * weight_bytes(model)
+    assert parameter_count(q) == parameter_count(model)  # the same weights, held in fewer bytes
 
 
 def test_quantized_embeddings_shrink_further_and_reload(model, ids, tmp_path):

@@ -261,6 +261,16 @@ def _dynamic_linears(model):
 # ---------------------------------------------------------------------------------- measuring
 
 
+def parameter_count(model: torch.nn.Module) -> int:
+    """Weights of the model as elements, quantized or not: torch's dynamic int8 layers hold theirs
+    outside ``parameters()``, so counting those alone undercounts a quantized model."""
+    total = sum(p.numel() for p in model.parameters())
+    for m in _dynamic_linears(model).values():
+        w, b = m._weight_bias()
+        total += w.numel() + (0 if b is None else b.numel())
+    return total
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Resident bytes of the model's weights and buffers, counting what quantized tensors really
     hold (torchao subclasses: their inner tensors; dynamic int8 layers: int8 values and scales)."""

@@ -37,8 +37,8 @@ def save_variant(model: torch.nn.Module, folder: str | os.PathLike, tokenizer=No
 
 def describe(model: torch.nn.Module) -> dict:
     """What a variant is made of: parameters (elements), weight bytes, numeric format."""
-    from distillery.compress.quantize import weight_bytes
+    from distillery.compress.quantize import parameter_count, weight_bytes
 
     record = quantization_record(model)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "weight_bytes": weight_bytes(model),
+    return {"parameters": parameter_count(model), "weight_bytes": weight_bytes(model),
             "format": record.get("scheme") if record else "float32", "factored_layers": len(factored_layers(model))}
