@@ -14,6 +14,15 @@ import torch
 from tests.helpers import tiny_llama, tiny_recipe
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # as in test_report: on a loaded machine two threads make each tiny matmul wait on the other (100x slower)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_sequence_divergence_identical_and_different(trained_tiny_teacher, tiny_tokenizer, lee_text):
     from rouge_score import rouge_scorer
 
@@ -66,19 +75,20 @@ def _recipe(tmp_path, teacher_dir, text, **evaluate):
                        distill={"steps": 4, "eval_every": 4, "checkpoint_every": 4},
                        evaluate={"eval_blocks": 6, "calibration": False, **evaluate},
                        gate={"rules": ["seq_rouge_l_sampling >= 0.5", "kl_to_teacher[perturbed] <= 1",
-                                       "robust_delta_top1_agreement >= -0.5",
+                                       "robust_delta_top1_agreement >= -0.5", "seq_rouge_l_greedy[tail] >= 0",
                                        "seq_exact_match_greedy not worse than student_init (paired)"]})
 
 
 def test_evaluate_stage_sequence_robustness_review(tiny_teacher_dir, lee_file, tmp_path):
-    from distillery.evaluate.review import ReviewError
+    from distillery.evaluate.review import ReviewError, check_ratings
     from distillery.gate import recipe_problems
     from distillery.pipeline import run_stages
     from distillery.recipe import parse_recipe
 
     raw = _recipe(tmp_path, tiny_teacher_dir, lee_file,
                   sequence={"prompts": 4, "prompt_tokens": 8, "new_tokens": 8},
-                  robustness={"blocks": 4, "kinds": ["lowercase", "typos"]},
+                  robustness={"blocks": 4, "kinds": ["lowercase", "typos", "paraphrase"]},
+                  slices={"tail": {"kind": "text", "path": str(lee_file)}},
                   review={"prompts": 4, "prompt_tokens": 8, "new_tokens": 6},
                   tasks=[{"name": "sentiment", "limit": 6}])
     r = parse_recipe(raw)
@@ -91,12 +101,14 @@ def test_evaluate_stage_sequence_robustness_review(tiny_teacher_dir, lee_file, t
     init = m["student_init"]
     for name in ("seq_rouge_l_greedy", "seq_exact_match_greedy", "seq_rouge_l_sampling", "seq_exact_match_sampling"):
         assert init[name]["value"] == 1.0 and name in m["student"] and len(per["student"][name]) == 4
+    assert m["slices"]["tail"]["student_init"]["seq_rouge_l_sampling"]["value"] == 1.0  # per text slice too
+    assert len(per["slices"]["tail"]["student"]["seq_exact_match_greedy"]) == 4
     seq = json.loads((run / "eval" / "sequence.json").read_text())
     assert seq["config"]["sampling_source"] == "default" and len(seq["samples"]["prompts"]) == 4
     assert seq["samples"]["sampling"]["student_init"] == seq["samples"]["sampling"]["teacher"]
     # robustness: an exact copy of the teacher stays at KL 0 and full agreement on the perturbed text
     rob = json.loads((run / "eval" / "robustness.json").read_text())
-    assert set(rob["student"]) == {"lowercase", "typos"}
+    assert {"lowercase", "typos"} <= set(rob["student"]) <= {"lowercase", "typos", "paraphrase"}
     assert {"perplexity", "kl_to_teacher", "sentiment/accuracy"} <= set(rob["student"]["typos"])
     slices = m["slices"]
     assert slices["perturbed"]["student_init"]["kl_to_teacher"] == pytest.approx(0, abs=1e-9)
@@ -110,7 +122,7 @@ def test_evaluate_stage_sequence_robustness_review(tiny_teacher_dir, lee_file, t
     want = sum(s - per["student"]["accuracy"][k.split("~")[0]] for k, s in pert.items()) / len(pert)
     assert m["student"]["robust_delta_accuracy"] == pytest.approx(want)
     gate = json.loads((run / "gate.json").read_text())
-    assert [x["verdict"] for x in gate["rules"]] == ["pass"] * 4, gate
+    assert [x["verdict"] for x in gate["rules"]] == ["pass"] * 5, gate
     # review: exported for raters, sides hidden; ratings back as a gate-able metric
     key = json.loads((run / "eval" / "review" / "review_key.json").read_text())
     assert key["variants"] == ["teacher", "student"] and "human_win_rate" not in m["student"]
@@ -137,8 +149,8 @@ def test_evaluate_stage_sequence_robustness_review(tiny_teacher_dir, lee_file, t
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with pytest.raises(ReviewError, match="field 'response_a' differs"):
-        run_stages(parse_recipe(raw), ["evaluate"], progress=False, log=lambda m: None)
+    with pytest.raises(ReviewError, match=r"rated.csv:2: field 'response_a' differs"):  # what the stage checks
+        check_ratings(rated, run / "eval" / "review" / "review.jsonl")
 
 
 def test_unknown_names_refused(tiny_teacher_dir, lee_file, tmp_path):
