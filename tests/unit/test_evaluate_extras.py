@@ -69,6 +69,21 @@ def test_perturbed_blocks_score_as_hand_encoded_text(trained_tiny_teacher, tiny_
     assert torch.equal(before["input_ids"], blocks) and before["attention_mask"].all()
 
 
+def test_pooled_scores_equal_scoring_together(trained_tiny_teacher, tiny_tokenizer, lee_text):
+    from distillery.evaluate.quality import evaluate_models
+    from distillery.evaluate.suite import pool_scores
+
+    ids = tiny_tokenizer(lee_text[:20_000])["input_ids"]
+    blocks = torch.tensor(ids[: 6 * 32]).view(6, 32)
+    student = {"s": tiny_llama(layers=1, seed=5)}
+    parts = [evaluate_models(student, blocks[:2], teacher=trained_tiny_teacher)["s"],
+             evaluate_models(student, blocks[2:], teacher=trained_tiny_teacher)["s"]]
+    whole = evaluate_models(student, blocks, teacher=trained_tiny_teacher)["s"]
+    pooled = pool_scores(parts)
+    for m in ("perplexity", "nll", "kl_to_teacher", "top1_agreement", "tokens"):
+        assert pooled[m] == pytest.approx(whole[m], rel=1e-9), m
+
+
 def _recipe(tmp_path, teacher_dir, text, **evaluate):
     # the student keeps every layer: student_init is an exact, separately loaded copy of the teacher
     return tiny_recipe(tmp_path, teacher_dir, text, student={"from_teacher": {"keep_layers": [0, 1, 2, 3]}},

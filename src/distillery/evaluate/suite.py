@@ -25,10 +25,12 @@ from distillery.io import atomic_write_json
 def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teacher: torch.nn.Module, tokenizer,
                       held: Examples, slices: dict[str, torch.Tensor], *, with_teacher: bool = True,
                       teacher_folder: Path | None = None, log: Callable[[str], None] = print,
-                      progress: bool = False, sampling: dict | None = None, reviewed: str | None = None) -> list[str]:
+                      progress: bool = False, sampling: tuple[dict, str] | None = None,
+                      reviewed: str | None = None) -> list[str]:
     """Score ``models`` and, ``with_teacher``, the teacher (as ``teacher``; it is always the reference of the
     KL and agreement), and write the files above; returns their paths relative to ``run``. ``sampling``:
-    the intended sampling settings (``Recipe.intended_sampling``) for ``cfg.sequence``; ``reviewed``: the
+    the intended sampling settings and where they came from (``Recipe.intended_sampling()``) for
+    ``cfg.sequence``; ``reviewed``: the
     variant ``cfg.review`` rates when it names none."""
     wanted = (["teacher"] if with_teacher else []) + list(models)
     everyone = {"teacher": teacher, **models}
