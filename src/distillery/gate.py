@@ -367,6 +367,16 @@ def known_metrics(e) -> list[str]:
             names += [f"{w}_p{q}{suffix}" for w in ("ttft", "tpot", "latency") for q in PERCENTILES]
             names.append(f"tokens_per_s{suffix}")
         names += ["size_bytes", "weights_bytes"] + (["cold_start_s", "peak_rss_bytes"] if e.speed.cold_start else [])
+    if getattr(e, "sequence", None) is not None:
+        from distillery.evaluate.sequence import METRICS
+
+        names += list(METRICS)
+    if getattr(e, "robustness", None) is not None:
+        task_metrics = [m for m in ("accuracy", "accuracy_norm", "exact_match", "token_f1") if m in names]
+        names += [f"robust_delta_{m}" for m in ("perplexity", "nll", "kl_to_teacher", "top1_agreement",
+                                                 *task_metrics)]
+    if getattr(e, "review", None) is not None and e.review.ratings is not None:
+        names.append("human_win_rate")
     return names
 
 
@@ -380,6 +390,8 @@ def known_slices(e) -> list[str]:
     for t in e.tasks:
         rows = BUILDERS[t.name](None, seed=t.seed, **task_size(t))
         out += [t.name, *{tag for row in rows for tag in row.get("tags", [])}]
+    if getattr(e, "robustness", None) is not None:
+        out += ["perturbed", *(f"perturbation:{k}" for k in e.robustness.kinds)]
     return out
 
 

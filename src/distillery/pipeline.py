@@ -362,7 +362,7 @@ def stage_evaluate(ctx: Context) -> list[str]:
         teacher_folder = Path(where) if not gguf and Path(where).is_dir() else None
     return evaluate_variants(r.evaluate, ctx.run, models, teacher.model, teacher.tokenizer, ctx.blocks()[1], slices,
                              with_teacher="teacher" in r.evaluated(), teacher_folder=teacher_folder, log=ctx.log,
-                             progress=ctx.progress)
+                             progress=ctx.progress, sampling=r.intended_sampling(), reviewed=r.gated())
 
 
 def stage_gate(ctx: Context) -> list[str]:
@@ -406,6 +406,8 @@ class Stage:
     sections: tuple[str, ...]
     upstream: tuple[str, ...] = ()
     enabled: Callable[[Recipe], bool] = lambda r: True
+    # settings the stage reads from outside its sections (resolved from the whole recipe), hashed with them
+    derived: Callable[[Recipe], dict] = lambda r: {}
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -418,7 +420,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("compress", stage_compress, ("teacher", "compress", "distill", "ensemble", "seed"),
           ("data", "distill", "capture"), enabled=lambda r: bool(r.compress)),
     Stage("evaluate", stage_evaluate, ("teacher", "evaluate", "compress"), ("data", "student_init", "distill",
-                                                                             "compress")),
+                                                                             "compress"),
+          derived=lambda r: {**({"sampling": r.intended_sampling()} if r.evaluate.sequence else {}),
+                             **({"reviewed": r.gated()} if r.evaluate.review else {})}),
     Stage("gate", stage_gate, ("gate", "evaluate", "compress"), ("evaluate",), enabled=lambda r: bool(r.gate.rules)),
     Stage("report", stage_report, ("report",), ("distill", "evaluate", "gate"), enabled=lambda r: r.report.enabled),
 )}
@@ -434,6 +438,8 @@ def input_hash(recipe: Recipe, name: str, manifest: dict, cache: HashCache) -> t
     dumped = recipe.model_dump(mode="json")
     sections = {s: dumped.get(s) for s in stage.sections}
     files = input_fingerprints(sections, cache)
+    if derived := stage.derived(recipe):
+        sections["derived"] = derived
     upstream = {u: outputs_digest(manifest["stages"].get(u, {})) for u in stage.upstream}
     return sha256_json({"sections": sections, "files": files, "upstream": upstream}), files
 

@@ -553,6 +553,52 @@ class SpeedConfig(Strict):
                              "fresh process")
 
 
+class SamplingConfig(Strict):
+    temperature: Number = Field(0.7, gt=0)
+    top_p: Number = Field(0.95, gt=0, le=1)
+    top_k: StrictInt = Field(0, ge=0, description="0 = no top-k cut")
+
+
+class SequenceConfig(Strict):
+    """Sequence-level divergence (evaluate/sequence.py): the teacher and each variant continue the same
+    held-out prompts, greedily and sampled; ROUGE-L and exact match between their continuations."""
+
+    prompts: StrictInt = Field(16, ge=1, description="held-out blocks whose first tokens are the prompts")
+    prompt_tokens: StrictInt = Field(16, ge=1)
+    new_tokens: StrictInt = Field(32, ge=1)
+    sampling: SamplingConfig | None = Field(
+        None, description="default: the recipe's intended sampling: the first sampled generate.decoding, "
+        "else distill.on_policy's temperature and top_p, else temperature 0.7, top_p 0.95")
+    seed: StrictInt = 0
+    batch_size: StrictInt = Field(8, ge=1)
+
+
+class RobustnessConfig(Strict):
+    """A perturbation slice made from held-out blocks (and task rows, when there are tasks), every metric
+    measured on it and on the same rows unperturbed (evaluate/robustness.py)."""
+
+    # the kinds of evaluate/robustness.py (KINDS); paraphrase asks the teacher to rewrite each text
+    kinds: list[Literal["lowercase", "uppercase", "whitespace", "typos", "paraphrase"]] = Field(
+        ["lowercase", "whitespace", "typos"], min_length=1)
+    blocks: StrictInt = Field(16, ge=1, description="held-out blocks perturbed (tasks: every row)")
+    typo_rate: Number = Field(0.1, gt=0, le=1)
+    seed: StrictInt = 0
+
+
+class ReviewConfig(Strict):
+    """Human review (evaluate/review.py): paired greedy continuations of held-out prompts by two variants,
+    exported to eval/review/ for rating; a filled file imported as ``human_win_rate``."""
+
+    prompts: StrictInt = Field(16, ge=1)
+    prompt_tokens: StrictInt = Field(16, ge=1)
+    new_tokens: StrictInt = Field(48, ge=1)
+    variant: str | None = Field(None, description="the variant rated (default: the gated one)")
+    against: str = "teacher"
+    ratings: ExistingPath | None = Field(None, description="a filled eval/review/review.csv or .jsonl: imported "
+                                         "as the variant's human_win_rate")
+    seed: StrictInt = 0
+
+
 class EvaluateConfig(Strict):
     eval_blocks: StrictInt = Field(32, ge=1, description="held-out blocks scored per model variant")
     batch_size: StrictInt = Field(8, ge=1)
@@ -565,6 +611,12 @@ class EvaluateConfig(Strict):
     tasks: list[TaskConfig] = Field([], description="task accuracy with paired per-example results")
     speed: SpeedConfig | None = Field(None, description="latency and memory of every variant (opt-in: minutes)")
     lmeval: bool = Field(False, description="also run lm-evaluation-harness on the multiple-choice tasks")
+    sequence: SequenceConfig | None = Field(None, description="ROUGE-L and exact match between the teacher's "
+                                            "and each variant's generations, greedy and sampled (opt-in)")
+    robustness: RobustnessConfig | None = Field(None, description="a perturbation slice and each metric's change "
+                                                "under it (opt-in)")
+    review: ReviewConfig | None = Field(None, description="export paired samples for human rating; import "
+                                        "ratings (opt-in)")
 
 
 class GateConfig(Strict):
@@ -826,6 +878,21 @@ class Recipe(Strict):
     def gated(self) -> str:
         return self.gate.variant or (self.compress[-1].name if self.compress else "student")
 
+    def intended_sampling(self) -> tuple[dict, str]:
+        """The sampling a served variant is meant to use, and where it came from: evaluate.sequence.sampling,
+        else the first sampled generate.decoding, else distill.on_policy, else the default."""
+        seq = self.evaluate.sequence
+        if seq is not None and seq.sampling is not None:
+            return seq.sampling.model_dump(), "evaluate.sequence.sampling"
+        for i, d in enumerate(self.generate.decoding if self.generate is not None else []):
+            if d.do_sample:
+                return ({"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k},
+                        f"generate.decoding[{i}] ({d.name})")
+        op = self.distill.on_policy
+        if op is not None and op.lam > 0:
+            return {"temperature": op.temperature, "top_p": op.top_p, "top_k": 0}, "distill.on_policy"
+        return SamplingConfig().model_dump(), "default"
+
     def _check_compress(self) -> None:
         names = [v.name for v in self.compress]
         for i, v in enumerate(self.compress):
@@ -847,6 +914,14 @@ class Recipe(Strict):
             if unknown:
                 raise ValueError(f"evaluate.variants: {unknown} are not variants of this recipe "
                                  f"({', '.join(self.variant_names())})")
+        review = self.evaluate.review
+        if review is not None:
+            for field, name in (("variant", review.variant or self.gated()), ("against", review.against)):
+                if name not in self.evaluated():
+                    raise ValueError(f"evaluate.review.{field}: {name!r} is not evaluated "
+                                     f"({', '.join(self.evaluated())})")
+            if (review.variant or self.gated()) == review.against:
+                raise ValueError(f"evaluate.review: the rated variant and 'against' are both {review.against!r}")
         if self.gate.variant is not None and self.gate.variant not in self.evaluated():
             raise ValueError(f"gate.variant: {self.gate.variant!r} is not evaluated ({', '.join(self.evaluated())})")
 

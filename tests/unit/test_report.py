@@ -101,6 +101,12 @@ def _make_run(run: Path, tok, lee_text: str) -> Path:
         k: changes_by_perturbation(tasks[k][0]["examples"], evaluate_task(m, tok, pert)["examples"], n_resamples=200)
         for k, m in models.items() if k != "teacher"})
 
+    from distillery.evaluate.sequence import sequence_divergence
+
+    seq = sequence_divergence(students, models["teacher"], tok, blocks, prompts=2, prompt_tokens=6, new_tokens=3)
+    atomic_write_json(run / "eval" / "sequence.json", {"config": {"prompts": 2, "sampling": {"temperature": 0.7}},
+                                                       "metrics": seq["metrics"], "samples": seq["samples"]})
+
     speed = {}
     for k, m in models.items():
         folder = run / ("student" if k == "student" else f"models/{k}")
@@ -153,8 +159,8 @@ def _images(page: str) -> list[bytes]:
 
 def test_every_section_drawn_from_its_file(tiny_run):
     page = (tiny_run / "report.html").read_text()
-    for anchor in ("gate", "metrics", "tasks", "paired", "calibration", "speed", "pareto", "robustness", "review",
-                   "lmeval", "slices", "generations", "training", "card", "stages", "recipe"):
+    for anchor in ("gate", "metrics", "tasks", "paired", "calibration", "speed", "pareto", "sequence", "robustness",
+                   "review", "lmeval", "slices", "generations", "training", "card", "stages", "recipe"):
         assert f'<section id="{anchor}">' in page, anchor
     imgs = _images(page)
     # two panels each: variants (perplexity, KL), reliability (next token, answers), latency and TTFT CDFs
@@ -187,6 +193,8 @@ def test_tables_carry_the_numbers(tiny_run):
     assert (review["wins"], review["losses"], review["ties"]) == (3, 2, 1)
     assert f"{review['value']:,.4g}" in page
     assert "Quality metric: <b>accuracy</b>" in page
+    seq = json.loads((tiny_run / "eval" / "sequence.json").read_text())["metrics"]["student"]["seq_rouge_l_greedy"]
+    assert f'{seq["value"]:,.4g} <span class="ci">[{seq["interval"][0]:,.4g}, {seq["interval"][1]:,.4g}]' in page
 
 
 def test_sections_appear_only_with_their_files(tmp_path, tiny_run):

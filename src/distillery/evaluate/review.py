@@ -107,6 +107,23 @@ def read_ratings(path: str | Path) -> list[tuple[str, dict]]:
     return [(f"{path}:{reader.line_num}", row) for row in reader]
 
 
+def check_ratings(path: str | Path, exported: str | Path) -> None:
+    """Refuse ratings of other samples: every rated row's responses must be the ones ``exported``
+    (a ``review.jsonl`` of this run) holds under its id, so ratings made before the variant changed
+    are never counted for the new one."""
+    from distillery.data.sources import jsonl_rows
+
+    rows = {str(r["id"]): r for _, r in jsonl_rows(Path(exported))}
+    for where, row in read_ratings(path):
+        mine = rows.get(str(row.get("id", "")))
+        if mine is None:
+            raise ReviewError(f"{where}: id {row.get('id')!r} is not in {exported}")
+        for field in ("response_a", "response_b"):
+            if field in row and row[field] != mine[field]:
+                raise ReviewError(f"{where}: field {field!r} differs from {exported} (ratings of other samples: "
+                                  "export again and rate the new file)")
+
+
 def import_ratings(path: str | Path, key_path: str | Path, *, subject: str | None = None,
                    n_resamples: int = 1000, seed: int = 0) -> dict:
     """The subject's win rate (default: the second variant exported) against the other, from ratings.

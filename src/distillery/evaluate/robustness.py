@@ -238,3 +238,39 @@ def changes_by_perturbation(before: Sequence[dict], after: Sequence[dict], *, n_
         out[kind] = metric_changes(mean_b, mean_a, per_example_before=per_b, per_example_after=per_a,
                                    n_resamples=n_resamples, seed=seed)
     return out
+
+
+# ---------------------------------------------------------------- held-out token blocks
+
+
+def _encode(tokenizer, texts: list[str], max_tokens: int | None) -> dict:
+    import torch
+
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+    width = max(len(e) for e in enc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return {"input_ids": torch.tensor([e + [pad] * (width - len(e)) for e in enc]),
+            "attention_mask": torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])}
+
+
+def perturbed_blocks(tokenizer, examples, kinds: Sequence[str] = DEFAULT_KINDS, *, seed: int = 0,
+                     typo_rate: float = 0.1, paraphrase: Callable[[list[str]], list[str]] | None = None,
+                     max_tokens: int | None = None) -> dict[str, tuple[dict, dict]]:
+    """Held-out token blocks (``[N, T]`` or ``{"input_ids", "attention_mask"?}``) perturbed as text:
+    ``{kind: (before, after)}``, each an examples dict (right-padded, with ``attention_mask``) of the
+    rows that kind changed. ``before`` is the same rows' text encoded the same way as ``after`` (decoded,
+    then encoded without special tokens), so the two differ only by the perturbation. Row ids are the
+    block's index. A perturbed text may take more tokens than its block; ``max_tokens`` cuts both."""
+    ids = examples["input_ids"] if isinstance(examples, dict) else examples
+    mask = examples.get("attention_mask") if isinstance(examples, dict) else None
+    texts = [tokenizer.decode((ids[i][mask[i].bool()] if mask is not None else ids[i]).tolist(),
+                              skip_special_tokens=True) for i in range(len(ids))]
+    rows = [{"id": str(i), "text": t} for i, t in enumerate(texts) if t.strip()]
+    out = {}
+    for kind in kinds:
+        changed = perturbation_slice(rows, (kind,), field="text", seed=seed, typo_rate=typo_rate,
+                                     paraphrase=paraphrase)
+        if changed:
+            out[kind] = (_encode(tokenizer, [texts[int(r["source_id"])] for r in changed], max_tokens),
+                         _encode(tokenizer, [r["text"] for r in changed], max_tokens))
+    return out

@@ -4,7 +4,9 @@ everything merged into one table the gate and the report read.
 Files (under ``eval/``): ``summary.json`` (held-out perplexity, KL to the teacher, top-1 agreement),
 ``slices.json`` (the same on each text slice), ``calibration.json`` (next-token ECE/MCE and reliability
 bins), ``tasks.json`` (each task's summary per variant; per-example results in ``tasks/<variant>.json``),
-``speed.json`` (operational metrics), and ``metrics.json``: ``{"metrics": {variant: {metric: value or
+``speed.json`` (operational metrics); opt-in: ``sequence.json`` (teacher/variant generations compared),
+``robustness.json`` (each metric's change on a perturbation slice), ``review/`` (paired samples for
+raters) and ``review.json`` (imported ratings); and ``metrics.json``: ``{"metrics": {variant: {metric: value or
 {value, interval}}, "slices": {...}}, "per_example": {...}}``, what gate rules are evaluated on.
 """
 
@@ -23,9 +25,13 @@ from distillery.io import atomic_write_json
 def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teacher: torch.nn.Module, tokenizer,
                       held: Examples, slices: dict[str, torch.Tensor], *, with_teacher: bool = True,
                       teacher_folder: Path | None = None, log: Callable[[str], None] = print,
-                      progress: bool = False) -> list[str]:
+                      progress: bool = False, sampling: tuple[dict, str] | None = None,
+                      reviewed: str | None = None) -> list[str]:
     """Score ``models`` and, ``with_teacher``, the teacher (as ``teacher``; it is always the reference of the
-    KL and agreement), and write the files above; returns their paths relative to ``run``."""
+    KL and agreement), and write the files above; returns their paths relative to ``run``. ``sampling``:
+    the intended sampling settings and where they came from (``Recipe.intended_sampling()``) for
+    ``cfg.sequence``; ``reviewed``: the
+    variant ``cfg.review`` rates when it names none."""
     wanted = (["teacher"] if with_teacher else []) + list(models)
     everyone = {"teacher": teacher, **models}
     held = head(held, cfg.eval_blocks)
@@ -42,7 +48,7 @@ def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teache
         for name, blocks in slices.items():
             table[name] = _only(evaluate_models(models, blocks[: cfg.eval_blocks], teacher=teacher,
                                                 batch_size=cfg.batch_size, progress=progress), wanted)
-            metrics["slices"][name] = table[name]
+            metrics["slices"][name] = {v: dict(m) for v, m in table[name].items()}  # slices.json stays as is
             for variant, m in table[name].items():
                 log(f"evaluate: [{name}] {variant:13s} perplexity {m['perplexity']:12.2f}   "
                     f"KL to teacher {m['kl_to_teacher']:.4f}")
@@ -54,13 +60,24 @@ def evaluate_variants(cfg, run: Path, models: dict[str, torch.nn.Module], teache
         for v, c in cal.items():
             metrics[v].update(ece=c["ece"], mce=c["mce"])
         outputs["eval/calibration.json"] = cal
+    task_results: dict = {}
     if cfg.tasks:
-        task_metrics, per_example = _tasks(cfg, run, {v: everyone[v] for v in wanted}, tokenizer, outputs, log)
+        task_metrics, per_example, task_results = _tasks(cfg, run, {v: everyone[v] for v in wanted}, tokenizer,
+                                                         outputs, log)
         for v in wanted:
             metrics[v].update(task_metrics.get(v, {}))
         metrics["slices"].update(task_metrics.get("slices", {}))
-    if cfg.tasks:
-        outputs["eval/paired.json"] = paired_comparisons(per_example, seed=cfg.tasks[0].seed)
+    if cfg.sequence is not None:
+        _sequence(cfg, {v: everyone[v] for v in wanted}, teacher, tokenizer, held, slices, sampling, metrics,
+                  per_example, outputs, log)
+    if cfg.robustness is not None:
+        _robustness(cfg, run, {v: everyone[v] for v in wanted}, teacher, tokenizer, held, task_results, metrics,
+                    per_example, outputs, log)
+    if cfg.review is not None:
+        _review(cfg, run, everyone, tokenizer, held, reviewed or "student", metrics, outputs, log)
+    if cfg.tasks or cfg.sequence is not None:
+        outputs["eval/paired.json"] = paired_comparisons(
+            per_example, seed=cfg.tasks[0].seed if cfg.tasks else cfg.sequence.seed)
     if cfg.speed is not None:
         from distillery.evaluate.speed import measure_variants
 
@@ -133,6 +150,156 @@ def paired_comparisons(per_example: dict, *, against: tuple[str, ...] = ("teache
     return rows
 
 
+def _sequence(cfg, models: dict, teacher, tokenizer, held: Examples, slices: dict, sampling: tuple[dict, str] | None,
+              metrics: dict, per_example: dict, outputs: dict, log) -> None:
+    """Teacher and variant continuations of held-out prompts compared (evaluate/sequence.py), on the held-out
+    blocks and on every text slice."""
+    from distillery.evaluate.sequence import sequence_divergence
+    from distillery.recipe import SamplingConfig
+
+    sc = cfg.sequence
+    settings, source = sampling or ((sc.sampling or SamplingConfig()).model_dump(), "evaluate.sequence")
+    kw = {"prompts": sc.prompts, "prompt_tokens": sc.prompt_tokens, "new_tokens": sc.new_tokens,
+          "sampling": settings, "seed": sc.seed, "batch_size": sc.batch_size}
+    res = sequence_divergence(models, teacher, tokenizer, held, **kw)
+    for v, m in res["metrics"].items():
+        metrics[v].update(m)
+        per_example.setdefault(v, {}).update(res["per_example"][v])
+        log(f"evaluate: [sequence] {v:13s} ROUGE-L greedy {m['seq_rouge_l_greedy']['value']:.3f} sampled "
+            f"{m['seq_rouge_l_sampling']['value']:.3f}   exact match greedy {m['seq_exact_match_greedy']['value']:.3f}"
+            f" sampled {m['seq_exact_match_sampling']['value']:.3f}")
+    table = {"config": {**kw, "sampling_source": source}, "metrics": res["metrics"], "samples": res["samples"],
+             "slices": {}}
+    for name, blocks in slices.items():
+        r = sequence_divergence(models, teacher, tokenizer, blocks[: cfg.eval_blocks], prefix=f"{name}/", **kw)
+        for v, m in r["metrics"].items():
+            metrics["slices"].setdefault(name, {}).setdefault(v, {}).update(m)
+            per_example["slices"].setdefault(name, {}).setdefault(v, {}).update(r["per_example"][v])
+        table["slices"][name] = {"metrics": r["metrics"], "samples": r["samples"]}
+    outputs["eval/sequence.json"] = table
+
+
+TEXT_METRICS = ("perplexity", "nll", "kl_to_teacher", "top1_agreement")
+
+
+def pool_scores(scores: list[dict]) -> dict:
+    """evaluate_models results over disjoint token sets, pooled as if scored together (each is a mean
+    per token, so weights are token counts; perplexity from the pooled NLL)."""
+    n = sum(s["tokens"] for s in scores)
+    nll = math.fsum(s["nll"] * s["tokens"] for s in scores) / n
+    out = {"perplexity": math.exp(nll), "nll": nll, "tokens": n}
+    for m in ("kl_to_teacher", "top1_agreement"):
+        if all(m in s for s in scores):
+            out[m] = math.fsum(s[m] * s["tokens"] for s in scores) / n
+    return out
+
+
+def _robustness(cfg, run: Path, models: dict, teacher, tokenizer, held: Examples, task_results: dict,
+                metrics: dict, per_example: dict, outputs: dict, log) -> None:
+    """Perturbed copies of held-out blocks (and of every task's rows) scored beside the same rows
+    unperturbed: ``robustness.json`` ``{variant: {kind: {metric: change}}}`` (task metrics as
+    ``<task>/<metric>``), slices ``perturbed`` and ``perturbation:<kind>``, and ``robust_delta_<metric>``
+    (perturbed minus unperturbed, every kind pooled)."""
+    from distillery.evaluate.robustness import metric_changes, perturbed_blocks, teacher_paraphraser
+
+    rc = cfg.robustness
+    paraphrase = teacher_paraphraser(teacher, tokenizer) if "paraphrase" in rc.kinds else None
+    limit = getattr(getattr(teacher, "config", None), "max_position_embeddings", None)
+    pairs = perturbed_blocks(tokenizer, head(held, rc.blocks), rc.kinds, seed=rc.seed, typo_rate=rc.typo_rate,
+                             paraphrase=paraphrase, max_tokens=limit)
+    changes: dict = {v: {} for v in models}
+    pooled: dict = {v: ([], []) for v in models}
+    for kind, (before, after) in pairs.items():
+        b = evaluate_models(models, before, teacher=teacher, batch_size=cfg.batch_size)
+        a = evaluate_models(models, after, teacher=teacher, batch_size=cfg.batch_size)
+        for v in models:
+            changes[v][kind] = metric_changes({m: b[v][m] for m in TEXT_METRICS}, {m: a[v][m] for m in TEXT_METRICS})
+            for row in changes[v][kind].values():
+                row["n"] = len(before["input_ids"])
+            metrics["slices"].setdefault(f"perturbation:{kind}", {})[v] = {m: a[v][m] for m in TEXT_METRICS}
+            pooled[v][0].append(b[v])
+            pooled[v][1].append(a[v])
+    for v in models:
+        if pooled[v][0]:
+            pb, pa = pool_scores(pooled[v][0]), pool_scores(pooled[v][1])
+            metrics["slices"].setdefault("perturbed", {})[v] = {m: pa[m] for m in TEXT_METRICS}
+            metrics[v].update({f"robust_delta_{m}": pa[m] - pb[m] for m in TEXT_METRICS})
+            log(f"evaluate: [perturbed] {v:13s} perplexity {pb['perplexity']:.2f} -> {pa['perplexity']:.2f}   "
+                f"KL to teacher {pb['kl_to_teacher']:.4f} -> {pa['kl_to_teacher']:.4f}")
+    if task_results:
+        _perturbed_tasks(cfg, run, models, tokenizer, task_results, paraphrase, changes, metrics, per_example,
+                         outputs, log)
+    outputs["eval/robustness.json"] = changes
+
+
+def _perturbed_tasks(cfg, run: Path, models: dict, tokenizer, task_results: dict, paraphrase, changes: dict,
+                     metrics: dict, per_example: dict, outputs: dict, log) -> None:
+    from distillery.evaluate.collect import gate_inputs
+    from distillery.evaluate.robustness import changes_by_perturbation, perturbation_slice
+    from distillery.evaluate.tasks import evaluate_task, example_rows, read_task, write_task
+
+    rc = cfg.robustness
+    results: dict[str, list[dict]] = {v: [] for v in models}
+    for i, t in enumerate(cfg.tasks):
+        rows = perturbation_slice(example_rows(read_task(run / "eval" / "tasks" / f"{t.name}.jsonl", t.name)),
+                                  rc.kinds, seed=rc.seed, typo_rate=rc.typo_rate, paraphrase=paraphrase)
+        if not rows:
+            continue
+        rel = f"eval/tasks/{t.name}~perturbed.jsonl"
+        task = read_task(write_task(run / rel, rows), t.name)
+        outputs[rel] = None  # written above; listed as an output
+        for v, model in models.items():
+            res = evaluate_task(model, tokenizer, task, batch_size=t.batch_size, seed=t.seed)
+            results[v].append(res)
+            for kind, by_metric in changes_by_perturbation(task_results[v][i]["examples"], res["examples"],
+                                                           seed=rc.seed).items():
+                changes[v].setdefault(kind, {}).update({f"{t.name}/{m}": c for m, c in by_metric.items()})
+    if not any(results.values()):
+        return
+    pert_metrics, pert_examples = gate_inputs(results, seed=rc.seed)
+    for name, by_variant in pert_metrics["slices"].items():
+        if name == "perturbed" or name.startswith("perturbation:"):  # not the tags the rows kept
+            for v in by_variant:
+                metrics["slices"].setdefault(name, {}).setdefault(v, {}).update(by_variant[v])
+                per_example["slices"].setdefault(name, {}).setdefault(v, {}).update(pert_examples["slices"][name][v])
+    for v in models:
+        for metric, scores in pert_examples[v].items():
+            base = per_example[v][metric]
+            diffs = [s - base[k.split("~", 1)[0]] for k, s in scores.items()]
+            metrics[v][f"robust_delta_{metric}"] = math.fsum(diffs) / len(diffs)
+            log(f"evaluate: [perturbed tasks] {v:13s} {metric} change {metrics[v][f'robust_delta_{metric}']:+.3f}")
+
+
+def _review(cfg, run: Path, everyone: dict, tokenizer, held: Examples, reviewed: str, metrics: dict,
+            outputs: dict, log) -> None:
+    """Paired greedy continuations of held-out prompts exported for raters (``eval/review/``); a filled
+    ratings file imported as the rated variant's ``human_win_rate`` (``eval/review.json``)."""
+    from distillery.evaluate.review import check_ratings, export_review, generate_pairs, import_ratings
+    from distillery.evaluate.sequence import heldout_prompts
+
+    rc = cfg.review
+    subject = rc.variant or reviewed
+    for field, name in (("variant", subject), ("against", rc.against)):
+        if name not in everyone:
+            raise ValueError(f"evaluate.review.{field}: {name!r} is not evaluated ({', '.join(everyone)})")
+    prompts = [{"id": str(i), "prompt": tokenizer.decode(p, skip_special_tokens=True)}
+               for i, p in enumerate(heldout_prompts(held, rc.prompts, rc.prompt_tokens))]
+    samples = generate_pairs(prompts, {rc.against: (everyone[rc.against], tokenizer),
+                                       subject: (everyone[subject], tokenizer)},
+                             max_new_tokens=rc.new_tokens, chat=False)
+    paths = export_review(samples, run / "eval" / "review", variants=(rc.against, subject), seed=rc.seed)
+    outputs.update({str(p.relative_to(run)): None for p in paths.values()})  # written; listed as outputs
+    log(f"evaluate: [review] {len(samples)} paired samples of {subject} and {rc.against} for raters in "
+        f"{paths['csv'].parent}")
+    if rc.ratings is not None:
+        check_ratings(rc.ratings, paths["jsonl"])
+        res = import_ratings(rc.ratings, paths["key"], subject=subject, seed=rc.seed)
+        metrics.setdefault(subject, {})["human_win_rate"] = {"value": res["value"], "interval": res["interval"]}
+        outputs["eval/review.json"] = {subject: res}
+        log(f"evaluate: [review] {subject} human win rate against {rc.against} {res['value']:.3f} "
+            f"({res['items']} items, {res['ratings']} ratings)")
+
+
 def _only(results: dict, wanted: list[str]) -> dict:
     return {k: v for k, v in results.items() if k in wanted}
 
@@ -158,7 +325,7 @@ def _tasks(cfg, run: Path, models: dict, tokenizer, outputs: dict, log) -> tuple
                                   for v, rs in results.items()}
     for v, rs in results.items():
         outputs[f"eval/tasks/{v}.json"] = rs
-    return gate_inputs(results, seed=cfg.tasks[0].seed)
+    return (*gate_inputs(results, seed=cfg.tasks[0].seed), results)
 
 
 def task_size(t) -> dict:

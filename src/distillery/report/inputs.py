@@ -18,6 +18,7 @@ FILES = {
     "calibration": "eval/calibration.json",
     "speed": "eval/speed.json",
     "paired": "eval/paired.json",
+    "sequence": "eval/sequence.json",
     "robustness": "eval/robustness.json",
     "review": "eval/review.json",
     "gate": "gate.json",

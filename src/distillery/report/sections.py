@@ -232,6 +232,27 @@ def pareto_section(inputs: dict) -> str:
             + figures(chart, "Pareto chart"))
 
 
+def sequence_section(seq: dict) -> str:
+    cfg = seq.get("config", {})
+    sm = cfg.get("sampling", {})
+    out = [f"<p>{esc(cfg.get('prompts', '?'))} held-out prompts (the first {esc(cfg.get('prompt_tokens', '?'))} "
+           f"tokens of held-out blocks), up to {esc(cfg.get('new_tokens', '?'))} new tokens, greedy and sampled "
+           f"(temperature {esc(sm.get('temperature', '?'))}, top-p {esc(sm.get('top_p', '?'))}, top-k "
+           f"{esc(sm.get('top_k') or 'off')}; from {esc(cfg.get('sampling_source', '?'))}). Teacher and variant "
+           "draw with the same random numbers, so a variant with the teacher's distributions samples its text.</p>",
+           metrics_table(ordered(seq["metrics"]), caption="Each variant's continuation against the teacher's: "
+                         "ROUGE-L F-measure and exact match; [low, high] = 95% bootstrap interval over prompts")]
+    for name, sl in seq.get("slices", {}).items():
+        out.append(f"<h3>{esc(name)}</h3>" + metrics_table(ordered(sl["metrics"])))
+    samples = seq.get("samples", {})
+    greedy = ordered(samples.get("greedy", {}))
+    if samples.get("prompts") and greedy:
+        rows = [[cell(p), *(cell(texts[i]) for texts in greedy.values())]
+                for i, p in enumerate(samples["prompts"][:3])]
+        out.append(table(["prompt", *(f"{v} (greedy)" for v in greedy)], rows, caption="The first prompts"))
+    return "".join(out)
+
+
 def robustness_section(robustness: dict) -> str:
     rows = []
     for variant, kinds in ordered(robustness).items():
@@ -242,7 +263,8 @@ def robustness_section(robustness: dict) -> str:
                              value_cell({"value": ch["change"], "interval": ch.get("interval")}),
                              num(ch.get("p_value")), num(ch.get("n"))])
     return table(["variant", "perturbation", "metric", "before", "after", "change", "p", "n"], rows,
-                 caption="Each metric on perturbed copies of held-out rows against the same rows unperturbed")
+                 caption="Each metric on perturbed copies of held-out rows against the same rows unperturbed "
+                         "(task metrics as task/metric)")
 
 
 def review_section(review: dict) -> str:
@@ -322,6 +344,7 @@ SECTIONS = [
     ("speed", "Speed, memory and size", ("speed",), lambda i: speed_section(i["speed"])),
     ("pareto", "Quality against cost", ("speed",), pareto_section),
     ("router", "Confidence router", ("router",), lambda i: router_section(i["router"])),
+    ("sequence", "Generations against the teacher's", ("sequence",), lambda i: sequence_section(i["sequence"])),
     ("robustness", "Robustness", ("robustness",), lambda i: robustness_section(i["robustness"])),
     ("review", "Human review", ("review",), lambda i: review_section(i["review"])),
     ("lmeval", "Peer evaluator (lm-evaluation-harness)", ("lmeval",), lmeval_section),
