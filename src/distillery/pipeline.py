@@ -193,6 +193,8 @@ def _teacher_signal(ctx: Context):
         sv = r.distill.served
         return ServedTeacher(sv.base_url, sv.model, tokenizer_fingerprint=teacher.fingerprint, top_k=sv.top_k,
                              api_key=sv.api_key(), timeout=sv.timeout_s)
+    if r.distill.cross_tokenizer is not None:
+        return _cross_teacher(ctx)
     main = OnlineTeacher(teacher.model, model_id=teacher.source, tokenizer_fingerprint=teacher.fingerprint)
     if r.ensemble is None:
         return main
@@ -204,6 +206,21 @@ def _teacher_signal(ctx: Context):
         loaded = load_teacher(m, r.cache_dir)
         members.append(OnlineTeacher(loaded.model, model_id=loaded.source, tokenizer_fingerprint=loaded.fingerprint))
     return EnsembleTeacher(members, r.ensemble.weights, route_by=r.ensemble.route_by, routes=r.ensemble.routes)
+
+
+def _cross_teacher(ctx: Context):
+    """distill.cross_tokenizer: a teacher with another tokenizer, speaking in the student's ids and positions
+    (the recipe's ``teacher`` gives the student its tokenizer)."""
+    from distillery.models.teacher import load_teacher
+    from distillery.signals.cross import CrossTokenizerTeacher
+
+    r, student_side = ctx.recipe, ctx.teacher()
+    cx = r.distill.cross_tokenizer
+    loaded = load_teacher(cx.teacher, r.cache_dir)
+    return CrossTokenizerTeacher(loaded.model, loaded.tokenizer, student_side.tokenizer, model_id=loaded.source,
+                                 student_fingerprint=student_side.fingerprint, teacher_fingerprint=loaded.fingerprint,
+                                 top_k=cx.top_k, unmatched_k=cx.unmatched_k,
+                                 temperature=r.distill.losses.kd.temperature, special_map=cx.special_map)
 
 
 def stage_distill(ctx: Context) -> list[str]:
