@@ -842,6 +842,9 @@ class Recipe(Strict):
                                  "entries for; use teacher_source online or served")
         if d.teacher_source == "served" and d.served is None:
             raise ValueError("distill.teacher_source: served needs distill.served (base_url, model)")
+        if self.ensemble is not None and self.distill.cross_tokenizer is not None:
+            raise ValueError("distill.cross_tokenizer: not with an ensemble yet (mixing a teacher that has no "
+                             "distribution inside aligned spans with one that has is not implemented)")
         if self.ensemble is not None and self.ensemble.weights is not None \
                 and len(self.ensemble.weights) != 1 + len(self.ensemble.members):
             raise ValueError(f"ensemble.weights: {len(self.ensemble.weights)} weights for "
@@ -898,6 +901,9 @@ class Recipe(Strict):
                              f"not {d.teacher_source} logits")
         if self.ensemble is not None:
             raise ValueError(f"{what}: representation matching needs one teacher, not an ensemble")
+        if d.cross_tokenizer is not None:
+            raise ValueError(f"{what}: representation matching needs the teacher's positions to be the student's; "
+                             "a cross_tokenizer teacher's are not")
         cut = self.student.from_teacher
         depth = (len(set(cut.keep_layers)) if cut.keep_layers is not None else cut.num_layers) if cut else None
         if depth is None:

@@ -268,3 +268,23 @@ def test_real_tokenizers_align_on_hard_text(lee_text):
     assert gemma.convert_tokens_to_ids("<start_of_turn>") in t_ids
     _check_cover(bridge, smol_turn, t_ids, al)
     assert (0, 1) in al.pairs  # after <|im_start|> / <bos><start_of_turn>, both predict "user"
+
+
+def test_recipe_refuses_what_the_cross_path_cannot_do():
+    from pathlib import Path
+
+    import yaml
+
+    from distillery.recipe import RecipeError, parse_recipe
+
+    base = yaml.safe_load((Path(__file__).parents[2] / "recipes" / "cross_tokenizer.yaml").read_text())
+    assert parse_recipe(base).distill.cross_tokenizer.teacher.model == "builtin:gemma-3-270m"
+    bad = {**base, "distill": {**base["distill"], "teacher_source": "store"}, "capture": {"k": 8}}
+    with pytest.raises(RecipeError, match="cross_tokenizer: a teacher with another tokenizer runs live"):
+        parse_recipe(bad)
+    bad = {**base, "ensemble": {"members": [{"model": "builtin:smollm2-135m-instruct"}]}}
+    with pytest.raises(RecipeError, match="not with an ensemble yet"):
+        parse_recipe(bad)
+    bad = {**base, "distill": {**base["distill"], "losses": {"hidden": {"weight": 1.0}}}}
+    with pytest.raises(RecipeError, match="a cross_tokenizer teacher's are not"):
+        parse_recipe(bad)
