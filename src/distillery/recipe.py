@@ -378,6 +378,9 @@ class EnsembleConfig(Strict):
     weights: list[float] | None = Field(None, description="one per teacher, main teacher first")
     route_by: str | None = Field(None, description="a data field whose value picks the teacher")
     routes: dict[str, int] | None = None
+    top_k: StrictInt | None = Field(
+        None, ge=1, description="every teacher gives its top-k (mixed over the union of ids); a member with "
+        "another tokenizer than the main teacher needs it, and defaults it to 64")
 
 
 class ServedConfig(EndpointConfig):
@@ -843,8 +846,8 @@ class Recipe(Strict):
         if d.teacher_source == "served" and d.served is None:
             raise ValueError("distill.teacher_source: served needs distill.served (base_url, model)")
         if self.ensemble is not None and self.distill.cross_tokenizer is not None:
-            raise ValueError("distill.cross_tokenizer: not with an ensemble yet (mixing a teacher that has no "
-                             "distribution inside aligned spans with one that has is not implemented)")
+            raise ValueError("distill.cross_tokenizer: not with an ensemble; put the teacher with another tokenizer "
+                             "among ensemble.members instead")
         if self.ensemble is not None and self.ensemble.weights is not None \
                 and len(self.ensemble.weights) != 1 + len(self.ensemble.members):
             raise ValueError(f"ensemble.weights: {len(self.ensemble.weights)} weights for "

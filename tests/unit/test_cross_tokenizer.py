@@ -196,21 +196,57 @@ def test_identity_teacher_through_the_cross_path_equals_ordinary_kd(trained_tiny
     assert torch.equal(sig.cross.valid[:, :-1], predicted)
 
 
-def test_cross_teacher_trains_a_student_with_every_term(trained_tiny_teacher, tiny_tokenizer, chatml_tokenizer,
-                                                        lee_text):
-    """A teacher whose vocabulary differs (the tiny teacher's tokenizer with a student that has its own
-    extra tokens): every term is finite, has a gradient, and a few steps lower the loss."""
+@pytest.fixture(scope="module")
+def other_tokenizer(lee_text):
+    """Another vocabulary, SentencePiece-style (``▁`` for spaces, a 384-token BPE): a real mismatch."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
+    alphabet = sorted(set(lee_text) - {" "}) + ["▁"]
+    tok.train_from_iterator(lee_text.splitlines(), trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def other_teacher(other_tokenizer, lee_text):
+    """A tiny Llama on the other vocabulary, trained briefly so it predicts something."""
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=len(other_tokenizer), seed=5)
+    ids = other_tokenizer(lee_text[:40_000])["input_ids"]
+    blocks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        batch = blocks[torch.randint(0, len(blocks), (16,))]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def _other_cross(other_teacher, other_tokenizer, tiny_tokenizer, k=8):
+    return CrossTokenizerTeacher(other_teacher, other_tokenizer, tiny_tokenizer, model_id="other",
+                                 student_fingerprint="s", teacher_fingerprint="o", top_k=k, unmatched_k=k)
+
+
+def test_another_vocabulary_aligns_and_trains_with_every_term(other_teacher, other_tokenizer, tiny_tokenizer,
+                                                              lee_text):
+    """A teacher whose vocabulary really differs: the spans cover the text, some tokens are unmatched,
+    every term is finite and a few steps lower the loss."""
+    cross = _other_cross(other_teacher, other_tokenizer, tiny_tokenizer)
+    assert 0 < len(cross.bridge.id_map) < len(other_tokenizer) and bool(cross.student_unmatched.any())
+    s_ids, t_ids, al = cross.bridge.align_text(lee_text[3000:5000])
+    assert not al.is_identity and len(al.pairs) > 0.3 * len(s_ids)
+    _check_cover(cross.bridge, s_ids, t_ids, al)
     batch = dict(zip(("input_ids", "attention_mask"), _word_rows(tiny_tokenizer, lee_text[:4000])))
-    cross = CrossTokenizerTeacher(trained_tiny_teacher, tiny_tokenizer, tiny_tokenizer, model_id="tiny",
-                                  student_fingerprint="s", teacher_fingerprint="t", top_k=8, unmatched_k=8)
-    # Pretend a tenth of the teacher's vocabulary has no counterpart: the ULD term then has work to do.
-    cross.teacher_unmatched = torch.arange(0, TINY_VOCAB, 10)
-    keep = torch.ones(TINY_VOCAB, dtype=torch.bool)
-    keep[cross.teacher_unmatched] = False
-    cross.teacher_matched = cross.teacher_matched[keep[cross.teacher_matched]]
-    cross.student_of_matched = cross.teacher_matched.clone()
-    cross.student_unmatched = ~keep
-    cross._map_rounds = [(cross.teacher_matched, cross.student_of_matched)]
+    sig = cross(batch["input_ids"], batch["attention_mask"])
+    assert bool(sig.cross.valid.any()) and not bool(sig.cross.valid.all())
+    assert (sig.cross.span_ids >= 0).any() and float(sig.cross.unmatched_probs.sum()) > 0
     student = tiny_llama(layers=2, seed=4)
     losses = LossesConfig(ce_weight=0.5, kd={"divergence": "forward_kl"}, cross={"uld_weight": 1.0, "span_weight": 0.5})
     kd = Distiller(student, cross, losses)
@@ -229,6 +265,52 @@ def test_cross_teacher_trains_a_student_with_every_term(trained_tiny_teacher, ti
     uld_only = Distiller(student, cross, LossesConfig(cross={"mode": "uld"}))
     uld_only.loss(batch)
     assert "kd" not in uld_only.last_terms and uld_only.last_terms["uld"] > 0
+
+
+def test_ensemble_with_a_member_of_another_vocabulary(trained_tiny_teacher, other_teacher, other_tokenizer,
+                                                      tiny_tokenizer, lee_text):
+    """Where the foreign member has no distribution, the mixture is the other teacher's own top-k; where it
+    has one, both count; the Distiller takes the mixture with its cross terms."""
+    from distillery.signals.ensemble import EnsembleTeacher
+
+    batch = dict(zip(("input_ids", "attention_mask"), _word_rows(tiny_tokenizer, lee_text[:4000])))
+    main = OnlineTeacher(trained_tiny_teacher, model_id="tiny", tokenizer_fingerprint="s", top_k=8)
+    cross = _other_cross(other_teacher, other_tokenizer, tiny_tokenizer)
+    ens = EnsembleTeacher([main, cross], [0.5, 0.5])
+    assert ens.cross_tokenizer
+    mixed, alone = ens(**batch), main(**batch)
+    live = batch["attention_mask"].bool()
+    only_main = live & ~cross(**batch).cross.valid
+    assert only_main.any()
+    torch.testing.assert_close(mixed.topk_logprobs[only_main], alone.topk_logprobs[only_main], atol=1e-6, rtol=0)
+    assert torch.equal(mixed.topk_ids[only_main], alone.topk_ids[only_main])
+    both = live & cross(**batch).cross.valid
+    assert not torch.allclose(mixed.topk_logprobs[both], alone.topk_logprobs[both])
+    kd = Distiller(tiny_llama(layers=2, seed=6), ens, LossesConfig(cross={"uld_weight": 1.0, "span_weight": 0.1}))
+    kd.loss(batch).backward()
+    assert {"kd", "uld", "span"} <= set(kd.last_terms)
+
+
+def test_a_recipe_with_a_foreign_ensemble_member_runs(other_teacher, other_tokenizer, tiny_teacher_dir, lee_file,
+                                                      tmp_path):
+    """The recipe machinery takes a member with another tokenizer: it is found by its fingerprint and run
+    through the cross path; every member then gives top-k, and the cross terms are logged."""
+    import json
+
+    from tests.helpers import run, tiny_recipe
+
+    other_dir = tmp_path / "other-teacher"
+    other_teacher.save_pretrained(other_dir)
+    other_tokenizer.save_pretrained(other_dir)
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, lee_file,
+                         distill={"steps": 4, "eval_every": 4, "checkpoint_every": 4,
+                                  "losses": {"ce_weight": 0.5, "cross": {"uld_weight": 1.0, "span_weight": 0.1}}},
+                         ensemble={"members": [{"model": str(other_dir)}], "weights": [0.5, 0.5], "top_k": 8},
+                         evaluate={"eval_blocks": 2})
+    summary = run(recipe)
+    assert "student" in summary
+    records = [json.loads(line) for line in (tmp_path / "runs" / "v" / "train.jsonl").read_text().splitlines()]
+    assert all(k in records[-1] for k in ("kd", "uld", "span", "ce"))
 
 
 # ---------------------------------------------------------------- the real tokenizers (make gemma)
