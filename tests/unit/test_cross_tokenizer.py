@@ -342,8 +342,8 @@ def test_real_tokenizers_align_on_hard_text(lee_text):
         s_ids, t_ids, al = bridge.align_text(text)
         assert t_ids[0] == gemma.bos_token_id
         _check_cover(bridge, s_ids, t_ids, al)
-        assert al.spans[-1].hi == len(text.encode("utf-8")) + 0
-        assert len(al.pairs) >= 0.5 * len(s_ids) if text is not TRICKY else al.pairs
+        assert al.spans[-1].hi == len(text.encode("utf-8"))
+        assert len(al.pairs) >= 0.3 * len(s_ids)  # most boundaries are shared (words, spaces, digits)
     # a chat turn: ChatML's markers land on Gemma's and align with them
     smol_turn = smol("<|im_start|>user\nBonjour, ça va ?<|im_end|>\n", add_special_tokens=False).input_ids
     t_ids, al = bridge.teacher_ids(smol_turn)
