@@ -54,7 +54,7 @@ def main() -> None:
     bridge_s = time.perf_counter() - t0
     kd = {"divergence": "forward_kl", "weight": 1.0, "temperature": 1.0, "fused_lm_head": False}
     setups = {
-        "ce": LossesConfig(ce_weight=1.0, kd={"weight": 0.0}),
+        "ce": LossesConfig(ce_weight=1.0, kd={"weight": 0.0}, cross={"uld_weight": 0.0}),
         "uld": LossesConfig(ce_weight=0.5, kd=kd, cross={"mode": "uld", "uld_weight": 1.0}),
         "hybrid": LossesConfig(ce_weight=0.5, kd=kd, cross={"mode": "hybrid", "uld_weight": 1.0}),
     }

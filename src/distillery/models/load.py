@@ -327,10 +327,38 @@ class Loaded:
     fingerprint: str
 
 
+def builtin_tokenizer_folder(name: str, cache: str | os.PathLike | None = None) -> Path:
+    """A builtin's tokenizer alone, read from its GGUF once and kept under the cache, for what needs the
+    tokenizer but not the model (alignment, data preparation): it spares converting the weights."""
+    converted = builtin_folder(name, cache)
+    if (converted / COMPLETE).is_file():
+        return converted
+    from transformers import AutoTokenizer
+
+    from distillery.io import atomic_folder
+
+    target = cache_dir(cache) / "models" / f"{name}.tokenizer"
+    if (target / COMPLETE).is_file():
+        return target
+    gguf = builtin_gguf(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - name the file whatever transformers raises
+        raise ModelLoadError(f"builtin:{name}: could not read the tokenizer of {gguf} ({type(e).__name__}: "
+                             f"{_first_line(e)})") from None
+    with _conversion_lock(target), atomic_folder(target, "folder") as tmp:
+        tok.save_pretrained(tmp)
+        atomic_write_json(Path(tmp) / COMPLETE, {"source": str(gguf), "tokenizer_only": True})
+    return target
+
+
 def load_tokenizer(source: str, cache: str | os.PathLike | None = None, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
-    where, gguf = resolve_source(source, cache, gguf_file)
+    if source.startswith("builtin:"):
+        where, gguf = str(builtin_tokenizer_folder(source.removeprefix("builtin:"), cache)), None
+    else:
+        where, gguf = resolve_source(source, cache, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(where)
     except OSError as e:
