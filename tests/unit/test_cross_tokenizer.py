@@ -291,10 +291,11 @@ def test_ensemble_with_a_member_of_another_vocabulary(trained_tiny_teacher, othe
     assert {"kd", "uld", "span"} <= set(kd.last_terms)
 
 
-def test_a_recipe_with_a_foreign_ensemble_member_runs(other_teacher, other_tokenizer, tiny_teacher_dir, lee_file,
+def test_recipes_with_a_foreign_teacher_run(other_teacher, other_tokenizer, tiny_teacher_dir, lee_file,
                                                       tmp_path):
-    """The recipe machinery takes a member with another tokenizer: it is found by its fingerprint and run
-    through the cross path; every member then gives top-k, and the cross terms are logged."""
+    """The recipe machinery takes an ensemble member with another tokenizer (found by its fingerprint, run
+    through the cross path, every member then top-k) and a foreign teacher alone (distill.cross_tokenizer);
+    the cross terms are logged."""
     import json
 
     from tests.helpers import run, tiny_recipe
@@ -311,6 +312,13 @@ def test_a_recipe_with_a_foreign_ensemble_member_runs(other_teacher, other_token
     assert "student" in summary
     records = [json.loads(line) for line in (tmp_path / "runs" / "v" / "train.jsonl").read_text().splitlines()]
     assert all(k in records[-1] for k in ("kd", "uld", "span", "ce"))
+    # the foreign teacher alone, as distill.cross_tokenizer (the recipe's teacher gives the tokenizer)
+    del recipe["ensemble"]
+    recipe["name"] = "alone"
+    recipe["distill"]["cross_tokenizer"] = {"teacher": {"model": str(other_dir)}, "top_k": 8, "unmatched_k": 8}
+    summary = run(recipe)
+    records = [json.loads(line) for line in (tmp_path / "runs" / "alone" / "train.jsonl").read_text().splitlines()]
+    assert all(k in records[-1] for k in ("kd", "uld", "span", "ce")) and "student" in summary
 
 
 # ---------------------------------------------------------------- the real tokenizers (make gemma)

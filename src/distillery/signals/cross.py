@@ -91,6 +91,8 @@ class CrossTokenizerTeacher:
         for b in range(B):
             ids = input_ids[b].tolist()
             n = int(attention_mask[b].sum()) if attention_mask is not None else T
+            if attention_mask is not None and not bool(attention_mask[b, :n].all()):
+                raise ValueError("CrossTokenizerTeacher: rows must be right-padded (text first, padding after)")
             # Right padding (the loop's pairs and on-policy batches): only the first n tokens are text.
             t_ids, alignment = self.bridge.teacher_ids(ids[:n])
             model_ids, where = model_positions(t_ids)
