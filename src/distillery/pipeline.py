@@ -193,17 +193,47 @@ def _teacher_signal(ctx: Context):
         sv = r.distill.served
         return ServedTeacher(sv.base_url, sv.model, tokenizer_fingerprint=teacher.fingerprint, top_k=sv.top_k,
                              api_key=sv.api_key(), timeout=sv.timeout_s)
-    main = OnlineTeacher(teacher.model, model_id=teacher.source, tokenizer_fingerprint=teacher.fingerprint)
+    if r.distill.cross_tokenizer is not None:
+        return _cross_teacher(ctx)
     if r.ensemble is None:
-        return main
+        return OnlineTeacher(teacher.model, model_id=teacher.source, tokenizer_fingerprint=teacher.fingerprint)
     from distillery.models.teacher import load_teacher
     from distillery.signals.ensemble import EnsembleTeacher
 
-    members = [main]
-    for m in r.ensemble.members:
-        loaded = load_teacher(m, r.cache_dir)
-        members.append(OnlineTeacher(loaded.model, model_id=loaded.source, tokenizer_fingerprint=loaded.fingerprint))
+    loaded_members = [load_teacher(m, r.cache_dir) for m in r.ensemble.members]
+    # A member with another tokenizer speaks through the cross-tokenizer path; then every member gives top-k.
+    foreign = [m.fingerprint != teacher.fingerprint for m in loaded_members]
+    k = r.ensemble.top_k or (64 if any(foreign) else None)
+    T = r.distill.losses.kd.temperature if k else 1.0
+    members = [OnlineTeacher(teacher.model, model_id=teacher.source, tokenizer_fingerprint=teacher.fingerprint,
+                             top_k=k, temperature=T)]
+    for loaded, other in zip(loaded_members, foreign):
+        if other:
+            from distillery.signals.cross import CrossTokenizerTeacher
+
+            members.append(CrossTokenizerTeacher(loaded.model, loaded.tokenizer, teacher.tokenizer,
+                                                 model_id=loaded.source, student_fingerprint=teacher.fingerprint,
+                                                 teacher_fingerprint=loaded.fingerprint, top_k=k, unmatched_k=k,
+                                                 temperature=T))
+        else:
+            members.append(OnlineTeacher(loaded.model, model_id=loaded.source, tokenizer_fingerprint=loaded.fingerprint,
+                                         top_k=k, temperature=T))
     return EnsembleTeacher(members, r.ensemble.weights, route_by=r.ensemble.route_by, routes=r.ensemble.routes)
+
+
+def _cross_teacher(ctx: Context):
+    """distill.cross_tokenizer: a teacher with another tokenizer, speaking in the student's ids and positions
+    (the recipe's ``teacher`` gives the student its tokenizer)."""
+    from distillery.models.teacher import load_teacher
+    from distillery.signals.cross import CrossTokenizerTeacher
+
+    r, student_side = ctx.recipe, ctx.teacher()
+    cx = r.distill.cross_tokenizer
+    loaded = load_teacher(cx.teacher, r.cache_dir)
+    return CrossTokenizerTeacher(loaded.model, loaded.tokenizer, student_side.tokenizer, model_id=loaded.source,
+                                 student_fingerprint=student_side.fingerprint, teacher_fingerprint=loaded.fingerprint,
+                                 top_k=cx.top_k, unmatched_k=cx.unmatched_k,
+                                 temperature=r.distill.losses.kd.temperature, special_map=cx.special_map)
 
 
 def stage_distill(ctx: Context) -> list[str]:

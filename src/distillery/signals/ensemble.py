@@ -7,6 +7,11 @@ unchanged, so an ensemble with weight 1.0 on one teacher reproduces it exactly.
 
 Sparse teachers (top-k) are mixed over the union of their top-k ids; a teacher's probability of an
 id outside its own top-k is unknown and counted as 0, so that mass stays in the mixture's tail.
+
+A member with another tokenizer (signals/cross.py) has a distribution only at the positions where
+its tokenization and the student's share a boundary: there it is mixed like any sparse teacher;
+elsewhere its weight goes to the others (weights renormalised per position). Its mass on tokens the
+student lacks (ULD's part) enters the mixture's ``cross`` parts scaled by its weight.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class EnsembleTeacher:
             if not 0 <= int(idx) < n:
                 raise ValueError(f"EnsembleTeacher: routes[{label!r}] = {idx} is not a teacher index (0..{n - 1})")
         first = self.teachers[0].identity
+        self.cross_tokenizer = any(getattr(t, "cross_tokenizer", False) for t in self.teachers)
         self.identity = TeacherIdentity("ensemble(" + ",".join(t.identity.model_id for t in self.teachers) + ")",
                                         first.tokenizer_fingerprint, first.temperature, first.k)
 
@@ -115,13 +121,54 @@ class EnsembleTeacher:
                 signals[i] = (rows, teacher(_take(input_ids, rows, bsz), am, **sub))
         if len(signals) == 1 and bool((w.max(-1).values == 1).all()):
             return self._relabel(next(iter(signals.values()))[1])  # one teacher has it all: its signal, unchanged
+        if any(sig.cross is not None for _, sig in signals.values()):
+            return self._mix_cross(signals, w, bsz)
         mixed = self._mix_dense(signals, w, bsz) if self.identity.k is None else self._mix_sparse(signals, w, bsz)
         return self._keep_single(mixed, signals, w)
 
     def _relabel(self, sig: Signal) -> Signal:
         if sig.is_dense:
-            return Signal(self.identity, logits=sig.logits)
-        return Signal(self.identity, topk_ids=sig.topk_ids, topk_logprobs=sig.topk_logprobs, tail_mass=sig.tail_mass)
+            return Signal(self.identity, logits=sig.logits, cross=sig.cross)
+        return Signal(self.identity, topk_ids=sig.topk_ids, topk_logprobs=sig.topk_logprobs, tail_mass=sig.tail_mass,
+                      cross=sig.cross)
+
+    def _mix_cross(self, signals: dict, w: torch.Tensor, bsz: int) -> Signal:
+        """Per-position weights: a cross-tokenizer member counts only where it has a distribution."""
+        from distillery.signals.base import CrossParts
+
+        if self.identity.k is None:
+            raise ValueError("EnsembleTeacher: a member with another tokenizer gives top-k; give every member top_k")
+        any_sig = next(iter(signals.values()))[1]
+        T = any_sig.topk_ids.shape[1]
+        dev = any_sig.topk_ids.device
+        wp = torch.zeros(bsz, T, len(self.teachers), device=dev)
+        for i, (rows, sig) in signals.items():
+            ok = sig.cross.valid.float() if sig.cross is not None else torch.ones(len(rows), T, device=dev)
+            wp[rows.to(dev), :, i] = w[rows, i].to(dev).unsqueeze(-1) * ok
+        total = wp.sum(-1, keepdim=True)
+        live = total.squeeze(-1) > 0
+        wp = torch.where(total > 0, wp / total.clamp_min(1e-30), wp)
+        mixed = self._mix_sparse(signals, wp, bsz)
+        crossed = [(i, rows, sig) for i, (rows, sig) in signals.items() if sig.cross is not None]
+        i0, rows0, sig0 = crossed[0]
+        parts = sig0.cross
+        un = [self._full(rows, sig.cross.unmatched_probs.float(), bsz, 0.0) * wp[..., i].unsqueeze(-1)
+              for i, rows, sig in crossed]
+        un = torch.cat(un, -1)
+        un = un.topk(parts.unmatched_probs.shape[-1], -1).values if un.shape[-1] else un
+        student_unmatched = parts.student_unmatched.clone()
+        for _, _, sig in crossed[1:]:
+            student_unmatched |= sig.cross.student_unmatched
+        mixed.cross = CrossParts(live, un, self._full(rows0, parts.span_ids, bsz, -1),
+                                 self._full(rows0, parts.span_logprob, bsz, 0.0), student_unmatched)
+        return mixed
+
+    @staticmethod
+    def _weight(w: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
+        """Teacher i's weight broadcast against ``like [B, ..., k]``: per example ``w [B, n]`` or per
+        position ``w [B, T, n]``."""
+        col = w[..., i].to(like.device)
+        return col.view(*col.shape, *[1] * (like.dim() - col.dim()))
 
     @staticmethod
     def _full(rows: torch.Tensor, part: torch.Tensor, bsz: int, fill) -> torch.Tensor:
@@ -152,7 +199,7 @@ class EnsembleTeacher:
         for j, i in enumerate(order):
             match = cand.unsqueeze(-1) == ids[j].unsqueeze(-2)  # [..., n*k, k]
             pj = (match * (probs[j] * valid[j]).unsqueeze(-2)).sum(-1)
-            mixed = mixed + w[:, i].to(cand.device).view(bsz, *[1] * (cand.dim() - 1)) * pj
+            mixed = mixed + self._weight(w, i, cand) * pj
         keep = torch.cat(valid, -1) & ~self._duplicates(ids, valid)
         mixed = torch.where(keep, mixed, torch.full_like(mixed, -1.0))
         top, pos = mixed.topk(k, dim=-1)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from distillery.losses.attention import attention_maps_loss, eager_attention, even_attention_pairs
 from distillery.losses.balance import LossBalancer
+from distillery.losses.cross_vocab import span_kl_loss, uld_loss
 from distillery.losses.divergences import KDOptions, token_kd_loss, token_kd_loss_from_hidden
 from distillery.losses.hidden import ProjectionHeads, check_layer_map, even_layer_map, hidden_states_loss
 from distillery.losses.schedules import Ramp
@@ -54,8 +55,11 @@ class Distiller:
                                      ("attention", sc.attention_weight), ("temperature", sc.temperature))
                       if r is not None}
         reference = L.balance.reference or ("ce" if L.ce_weight > 0 else "kd")
+        # A teacher with another tokenizer (signals/cross.py) adds the cross-vocabulary terms.
+        self.cross = bool(getattr(teacher, "cross_tokenizer", False))
         self.balancer = LossBalancer({"ce": L.ce_weight, "kd": L.kd.weight, "hidden": L.hidden.weight,
-                                      "attention": L.attention.weight}, L.balance.mode, reference)
+                                      "attention": L.attention.weight, "uld": L.cross.uld_weight,
+                                      "span": L.cross.span_weight}, L.balance.mode, reference)
 
     # ---------------------------------------------------------------- set-up
 
@@ -101,7 +105,11 @@ class Distiller:
         """Every scheduled value at an optimiser step (the configured constants when step is None)."""
         L = self.losses
         out = {"ce": L.ce_weight, "kd": L.kd.weight, "hidden": L.hidden.weight, "attention": L.attention.weight,
-               "temperature": L.kd.temperature, "beta": L.kd.beta}
+               "temperature": L.kd.temperature, "beta": L.kd.beta, "uld": 0.0, "span": 0.0}
+        if self.cross:
+            out.update(uld=L.cross.uld_weight, span=L.cross.span_weight)
+            if L.cross.mode == "uld":
+                out["kd"] = 0.0
         if step is None:
             return out
         out.update({key: ramp(step) for key, ramp in self.ramps.items()})
@@ -136,18 +144,24 @@ class Distiller:
         w = self.weights_at(step)
         need_hidden = self.representations and w["hidden"] > 0
         need_attn = self.representations and w["attention"] > 0
-        head = self._fusable_head(w, need_hidden or need_attn, self.losses.kd.fused_lm_head)
+        head = self._fusable_head(w, need_hidden or need_attn or w["uld"] > 0 or w["span"] > 0,
+                                  self.losses.kd.fused_lm_head)
         logits, hidden, out = self._student_forward(input_ids, attn, head, need_hidden, need_attn)
 
         terms: dict[str, torch.Tensor] = {}
         if w["ce"] > 0:
             terms["ce"] = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                           ignore_index=-100, reduction="sum") / torch.as_tensor(n, dtype=torch.float32)
-        if w["kd"] > 0 or need_hidden or need_attn:
+        if w["kd"] > 0 or need_hidden or need_attn or w["uld"] > 0 or w["span"] > 0:
             extra = {k: v for k, v in batch.items() if k not in _BATCH_KEYS}
             signal, t_out = self._teacher(input_ids, attn, extra, need_hidden, need_attn)
-            if w["kd"] > 0:
+            if signal.cross is not None:
                 signal = signal.select((slice(None), slice(0, input_ids.shape[1] - 1)))
+                terms.update(self._cross_terms(logits, input_ids, signal, mask, w, n))
+                mask = mask & signal.cross.valid  # the matched part: only where the teacher has a distribution
+            if w["kd"] > 0:
+                if signal.cross is None:
+                    signal = signal.select((slice(None), slice(0, input_ids.shape[1] - 1)))
                 opts = self._kd_options_at(w)
                 kw = dict(opts=opts, scale_t2=self.losses.kd.scale_t2, num_tokens=n,
                           chunk_size=self.losses.kd.chunk_size)
@@ -169,6 +183,23 @@ class Distiller:
         self.last_terms = {**{k.removeprefix("loss/"): v for k, v in logs.items() if k != "loss/total"},
                            "loss": logs["loss/total"]}
         return total
+
+    def _cross_terms(self, logits, input_ids, signal: Signal, mask, w: dict, n) -> dict[str, torch.Tensor]:
+        """ULD and span-level KL against a teacher with another tokenizer (losses/cross_vocab.py)."""
+        cross, c, out = signal.cross, self.losses.cross, {}
+        valid = mask & cross.valid
+        if w["uld"] > 0:
+            if c.mode == "hybrid":  # the unmatched rest of both distributions
+                teacher_sorted, subset = cross.unmatched_probs, cross.student_unmatched
+            else:  # all of them: the teacher's largest probabilities, shared tokens or not
+                both = torch.cat([signal.topk_logprobs.float().exp(), cross.unmatched_probs.float()], -1)
+                teacher_sorted, subset = both.topk(min(signal.topk_ids.shape[-1], both.shape[-1]), -1).values, None
+            out["uld"] = uld_loss(logits, teacher_sorted, valid, k=c.uld_k, temperature=w["temperature"],
+                                  student_subset=subset, num_tokens=n, chunk_size=self.losses.kd.chunk_size)
+        if w["span"] > 0:
+            out["span"] = span_kl_loss(logits, input_ids[:, 1:], cross.span_ids, cross.span_logprob, mask,
+                                       num_tokens=n)
+        return out
 
     def _kd_options_at(self, w: dict) -> KDOptions:
         """The KD options, with the scheduled temperature and beta of this step when they are scheduled."""
