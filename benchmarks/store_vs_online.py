@@ -76,6 +76,12 @@ def main() -> None:
                         losses=LossesConfig(kd={"divergence": "forward_kl", "temperature": 1.0, "tail": "bucket"}))
     results: dict[str, dict] = {}
 
+    def save(metrics: dict) -> None:
+        write_results("store_vs_online" + ("_quick" if args.quick else ""), metrics,
+                      {"steps": steps, "batch_size": 4, "block_size": 128, "kept_layers": keep, "eval_blocks": n_eval,
+                       "variants": {n: dict(zip(("encoding", "k", "draws"), VARIANTS[n])) for n in names},
+                       "online_topk": args.online_topk, "seed": 0, "capture_seed": 0})
+
     def distil(name: str, signal) -> None:
         student = cut_layers(teacher.model, keep)
         t0 = time.perf_counter()
@@ -97,28 +103,12 @@ def main() -> None:
             results[name] = {"capture_seconds": time.perf_counter() - t0,
                              "bytes_per_token": store.bytes_on_disk() / store.manifest["tokens"]}
             distil(name, StoredTeacher(store))
+            save({**summarize(results, names), "wall_seconds": time.perf_counter() - t_start})
 
-    dense_kl = results["online_dense"]["kl_to_teacher"]
-    for r in results.values():
-        r["kl_ratio_vs_dense"] = r["kl_to_teacher"] / dense_kl
-    metrics = {f"{n}_{key}": v for n, r in results.items() for key, v in r.items() if key != "tokens"}
-    # The original store's names, kept: top-64 from the store against the dense and the top-64 live teacher.
-    if "topk64" in results:
-        metrics.update({f"store_{key}": v for key, v in results["topk64"].items() if key != "tokens"})
-        metrics["kl_store_over_online_dense"] = results["topk64"]["kl_ratio_vs_dense"]
-        metrics["capture_seconds"] = results["topk64"]["capture_seconds"]
-        if "online" in results:
-            metrics["kl_store_over_online"] = results["topk64"]["kl_to_teacher"] / results["online"]["kl_to_teacher"]
-            metrics["train_time_store_over_online"] = results["topk64"]["seconds"] / results["online"]["seconds"]
-    within = [n for n in names if results[n]["bytes_per_token"] <= BUDGET]
-    if within:
-        best = min(within, key=lambda n: results[n]["kl_ratio_vs_dense"])
-        metrics["budget_encoding"] = best
-        metrics["budget_bytes_per_token"] = results[best]["bytes_per_token"]
-        metrics["budget_kl_ratio_vs_dense"] = results[best]["kl_ratio_vs_dense"]
+    metrics = summarize(results, names)
     metrics["wall_seconds"] = time.perf_counter() - t_start
-
-    print_table([(n, f"{r.get('bytes_per_token', float('nan')):.1f}" if "bytes_per_token" in r else "live",
+    within = "budget_encoding" in metrics
+    print_table([(n, f"{r['bytes_per_token']:.1f}" if "bytes_per_token" in r else "live",
                   f"{r['kl_to_teacher']:.4f}", f"{r['kl_ratio_vs_dense']:.4f}", f"{r['perplexity']:.1f}",
                   f"{r['seconds']:.0f}") for n, r in results.items()],
                 ("teacher signal", "bytes/token", "held-out KL", "KL / dense", "perplexity", "train seconds"))
@@ -129,10 +119,33 @@ def main() -> None:
               f"{'ok' if ok else 'MISSED'})")
     else:
         print(f"budget: no variant at <= {BUDGET:.0f} bytes/token (MISSED)")
-    write_results("store_vs_online" + ("_quick" if args.quick else ""), metrics,
-                  {"steps": steps, "batch_size": 4, "block_size": 128, "kept_layers": keep, "eval_blocks": n_eval,
-                   "variants": {n: dict(zip(("encoding", "k", "draws"), VARIANTS[n])) for n in names},
-                   "online_topk": args.online_topk, "seed": 0, "capture_seed": 0})
+    save(metrics)
+
+
+def summarize(results: dict[str, dict], names: list[str]) -> dict:
+    """The metrics of the students trained so far (written after each one, so a run cut short keeps them)."""
+    dense_kl = results["online_dense"]["kl_to_teacher"]
+    for r in results.values():
+        if "kl_to_teacher" in r:
+            r["kl_ratio_vs_dense"] = r["kl_to_teacher"] / dense_kl
+    done = [n for n in names if "kl_to_teacher" in results.get(n, {})]
+    metrics = {f"{n}_{key}": v for n, r in results.items() for key, v in r.items() if key != "tokens"}
+    # The original store's names, kept: top-64 from the store against the dense and the top-64 live teacher.
+    if "topk64" in done:
+        metrics.update({f"store_{key}": v for key, v in results["topk64"].items() if key != "tokens"})
+        metrics["kl_store_over_online_dense"] = results["topk64"]["kl_ratio_vs_dense"]
+        metrics["capture_seconds"] = results["topk64"]["capture_seconds"]
+        if "online" in results:
+            metrics["kl_store_over_online"] = results["topk64"]["kl_to_teacher"] / results["online"]["kl_to_teacher"]
+            metrics["train_time_store_over_online"] = results["topk64"]["seconds"] / results["online"]["seconds"]
+    within = [n for n in done if results[n]["bytes_per_token"] <= BUDGET]
+    if within:
+        best = min(within, key=lambda n: results[n]["kl_ratio_vs_dense"])
+        metrics["budget_encoding"] = best
+        metrics["budget_bytes_per_token"] = results[best]["bytes_per_token"]
+        metrics["budget_kl_ratio_vs_dense"] = results[best]["kl_ratio_vs_dense"]
+    metrics["variants_done"] = len(done)
+    return metrics
 
 
 if __name__ == "__main__":
