@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--online-topk", action="store_true", help="also train from the live teacher's top-64")
     ap.add_argument("--variants", default=DEFAULT, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--merge", action="store_true",
+                    help="add these variants to the results file's table; its dense baseline must be reproduced "
+                         "exactly by this run (same steps, seed and data), else the run is refused")
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
@@ -79,7 +82,8 @@ def main() -> None:
     def save(metrics: dict) -> None:
         write_results("store_vs_online" + ("_quick" if args.quick else ""), metrics,
                       {"steps": steps, "batch_size": 4, "block_size": 128, "kept_layers": keep, "eval_blocks": n_eval,
-                       "variants": {n: dict(zip(("encoding", "k", "draws"), VARIANTS[n])) for n in names},
+                       "variants": {n: dict(zip(("encoding", "k", "draws"), VARIANTS[n]))
+                                    for n in results if n in VARIANTS},
                        "online_topk": args.online_topk, "seed": 0, "capture_seed": 0})
 
     def distil(name: str, signal) -> None:
@@ -91,10 +95,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         distil("online_dense", online)
+        to_run = list(names)
+        if args.merge:
+            names = merge_previous(results, names, "store_vs_online" + ("_quick" if args.quick else ""), steps)
         if args.online_topk:
             distil("online", OnlineTeacher(teacher.model, model_id="smollm2-135m-instruct",
                                            tokenizer_fingerprint=teacher.fingerprint, top_k=64))
-        for name in names:
+        for name in to_run:
             encoding, k, draws = VARIANTS[name]
             t0 = time.perf_counter()
             store = capture(online, train_blocks, Path(tmp) / f"logits-{name}", k=k, temperature=1.0,
@@ -120,6 +127,26 @@ def main() -> None:
     else:
         print(f"budget: no variant at <= {BUDGET:.0f} bytes/token (MISSED)")
     save(metrics)
+
+
+def merge_previous(results: dict[str, dict], names: list[str], name: str, steps: int) -> list[str]:
+    """Load the variants of an earlier run into ``results`` (those not run again here), after checking
+    that this run's dense student is the earlier one's to 1e-9: same steps, seed, data, machine maths."""
+    import json
+
+    from _common import RESULTS
+
+    old = json.loads((RESULTS / f"{name}.json").read_text())
+    m, cfg = old["metrics"], old["config"]
+    was, now = m["online_dense_kl_to_teacher"], results["online_dense"]["kl_to_teacher"]
+    if cfg["steps"] != steps or abs(was / now - 1) > 1e-9:
+        raise SystemExit(f"--merge: the earlier run's dense baseline differs (steps {cfg['steps']} vs {steps}, "
+                         f"held-out KL {was!r} vs {now!r}); run every variant together instead")
+    for prev in cfg["variants"]:
+        if prev not in names:
+            results[prev] = {key.removeprefix(prev + "_"): v for key, v in m.items() if key.startswith(prev + "_")}
+    print(f"--merge: dense baseline reproduced ({now:.9f}); kept {', '.join(p for p in cfg['variants'] if p not in names)}")
+    return [p for p in cfg["variants"] if p not in names] + names
 
 
 def summarize(results: dict[str, dict], names: list[str]) -> dict:
