@@ -166,12 +166,14 @@ def stage_capture(ctx: Context) -> list[str]:
     r, teacher = ctx.recipe, ctx.teacher()
     signal = OnlineTeacher(teacher.model, model_id=teacher.source, tokenizer_fingerprint=teacher.fingerprint)
     # repair: shards whose checksum fails (damaged after capture) are captured again, the rest kept.
+    c = r.capture
     store = capture(signal, ctx.blocks()[0]["input_ids"], ctx.run / "logits",
-                    k=r.capture.k, temperature=r.capture.temperature, shard_tokens=r.capture.shard_tokens,
-                    batch_size=r.capture.batch_size, progress=ctx.progress, repair=True, log=ctx.log)
+                    k=c.stored_k, temperature=c.temperature, shard_tokens=c.shard_tokens,
+                    batch_size=c.batch_size, progress=ctx.progress, repair=True, log=ctx.log,
+                    encoding=c.encoding, draws=c.draws if c.encoding != "topk" else 0, seed=c.seed)
     store.verify()
     ctx.log(f"capture: {store.manifest['tokens']} tokens, {store.bytes_on_disk() / store.manifest['tokens']:.0f} "
-            f"bytes/token at k={r.capture.k}")
+            f"bytes/token ({c.encoding}, k={c.stored_k}" + (f", {c.draws} draws)" if c.encoding != "topk" else ")"))
     return ["logits"]
 
 
@@ -184,7 +186,7 @@ def _teacher_signal(ctx: Context):
         from distillery.signals.store import StoredTeacher
 
         signal = StoredTeacher(ctx.run / "logits")
-        signal.identity.check_compatible(tokenizer_fingerprint=teacher.fingerprint, k=r.capture.k,
+        signal.identity.check_compatible(tokenizer_fingerprint=teacher.fingerprint, k=r.capture.stored_k,
                                          temperature=r.distill.losses.kd.temperature, what=f"{ctx.run / 'logits'}")
         return signal
     if r.distill.teacher_source == "served":

@@ -365,10 +365,22 @@ class OnPolicyConfig(Strict):
 class CaptureConfig(Strict):
     """The logit store: the teacher's top-k log-probs over the training data, captured once."""
 
-    k: StrictInt = Field(64, ge=1)
+    k: StrictInt = Field(64, ge=1, description="top-k ids kept exactly (encodings topk and topk_sampled; "
+                         "sampled keeps none)")
     temperature: Number = Field(1.0, gt=0, description="must equal distill.losses.kd.temperature to be used")
     shard_tokens: StrictInt = Field(1 << 20, ge=1)
     batch_size: StrictInt = Field(8, ge=1)
+    encoding: Literal["topk", "sampled", "topk_sampled"] = Field(
+        "topk", description="topk: the top k log-probs and a tail mass (any divergence, biased by the cut); "
+        "sampled: `draws` tokens drawn from the teacher with their counts (RS-KD, unbiased forward KL only); "
+        "topk_sampled: the exact top k plus `draws` tokens drawn from the rest (forward KL only); docs/logit-store.md")
+    draws: StrictInt = Field(32, ge=1, le=255, description="tokens drawn per position (sampled encodings)")
+    seed: StrictInt = Field(0, ge=0, description="the draws' seed (with the example index: reproducible)")
+
+    @property
+    def stored_k(self) -> int:
+        """The k the store records: 0 for the sampled encoding, which keeps no top k."""
+        return 0 if self.encoding == "sampled" else self.k
 
 
 class EnsembleConfig(Strict):
@@ -887,6 +899,10 @@ class Recipe(Strict):
         if d.teacher_source == "store":
             if self.capture is None:
                 raise ValueError("distill.teacher_source: store needs a capture section (k, temperature)")
+            if self.capture.encoding != "topk" and d.losses.kd.divergence != "forward_kl":
+                raise ValueError(f"capture.encoding {self.capture.encoding!r} stores sampled tokens, which estimate "
+                                 f"the forward KL only; distill.losses.kd.divergence is {d.losses.kd.divergence!r} "
+                                 "(use forward_kl, or capture.encoding: topk)")
             if abs(self.capture.temperature - d.losses.kd.temperature) > 1e-9:
                 raise ValueError(f"capture.temperature ({self.capture.temperature}) differs from "
                                  f"distill.losses.kd.temperature ({d.losses.kd.temperature})")

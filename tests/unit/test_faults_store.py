@@ -43,10 +43,16 @@ def token_blocks(n: int = 24, t: int = 16) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(1))
 
 
-def capture_store(folder: Path, t: OnlineTeacher | None = None, blocks: torch.Tensor | None = None, **kw) -> LogitStore:
+# every store encoding: the original top-k and the two sampled ones (format 2)
+ENCODINGS = {"topk": dict(k=K), "sampled": dict(k=0, encoding="sampled", draws=12),
+             "topk_sampled": dict(k=4, encoding="topk_sampled", draws=8)}
+
+
+def capture_store(folder: Path, t: OnlineTeacher | None = None, blocks: torch.Tensor | None = None,
+                  encoding: str = "topk", **kw) -> LogitStore:
     # 3 examples of 16 tokens per shard: 8 shards over 24 blocks
-    return capture(t or teacher(), token_blocks() if blocks is None else blocks, folder, k=K, shard_tokens=48,
-                   progress=False, **kw)
+    return capture(t or teacher(), token_blocks() if blocks is None else blocks, folder, shard_tokens=48,
+                   progress=False, **ENCODINGS[encoding], **kw)
 
 
 def flip_byte(path: Path, where: float = 0.5) -> None:
@@ -81,9 +87,10 @@ def first_step_reading(shard: LogitStore, index: int, cfg: dict) -> int:
     raise AssertionError("no step reads this shard; make the run longer")
 
 
-@pytest.mark.parametrize("index", [0, 3, 7])
-def test_a_flipped_byte_in_any_shard_stops_training_before_a_step_reads_it(index, tmp_path):
-    store = capture_store(tmp_path / "logits")
+@pytest.mark.parametrize("index, encoding", [(0, "topk"), (3, "topk"), (7, "topk"), (3, "sampled"),
+                                             (7, "topk_sampled")])
+def test_a_flipped_byte_in_any_shard_stops_training_before_a_step_reads_it(index, encoding, tmp_path):
+    store = capture_store(tmp_path / "logits", encoding=encoding)
     bad = tmp_path / "logits" / store.shards[index].file
     flip_byte(bad)
     first = first_step_reading(store, index, CFG)
@@ -143,6 +150,24 @@ def test_repair_recaptures_only_the_damaged_shards_and_the_run_continues_as_if_u
     resumed = distil(damaged, tmp_path / "run")  # resumes from the last checkpoint before the refusal
     reference = distil(tmp_path / "clean", tmp_path / "run-clean")
     assert losses(resumed) == losses(reference) and len(reference) == CFG["steps"]
+
+
+@pytest.mark.parametrize("encoding", ["sampled", "topk_sampled"])
+def test_a_sampled_store_is_repaired_to_the_same_bytes_and_trains_as_before(encoding, tmp_path):
+    clean = capture_store(tmp_path / "clean", encoding=encoding)
+    shutil.copytree(tmp_path / "clean", tmp_path / "logits")
+    damaged = tmp_path / "logits"
+    flip_byte(damaged / clean.shards[2].file, where=0.95)  # in the packed drawn ids and counts
+    (damaged / clean.shards[5].file).unlink()
+    with pytest.raises(StoreError, match="--repair"):
+        LogitStore(damaged).verify()
+    with pytest.raises(StoreError, match="cannot repair: the teacher tiny-teacher no longer gives the outputs"):
+        capture_store(damaged, t=teacher(seed=7), repair=True, encoding=encoding)
+    capture_store(damaged, repair=True, encoding=encoding).verify()
+    for s in clean.shards:  # the same teacher, blocks and seed draw the same tokens
+        assert (damaged / s.file).read_bytes() == (tmp_path / "clean" / s.file).read_bytes(), s.file
+    cfg = {**CFG, "steps": 3}
+    assert losses(distil(damaged, tmp_path / "run", **cfg)) == losses(distil(tmp_path / "clean", tmp_path / "ref", **cfg))
 
 
 def test_repair_refuses_another_teacher_or_other_blocks(tmp_path):

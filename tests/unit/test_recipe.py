@@ -86,3 +86,24 @@ def test_cli_validate_exits_nonzero_with_one_line(tmp_path, change):
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and field in lines[0], proc.stderr
+
+
+def test_the_capture_encoding_is_validated_by_name(tmp_path):
+    data = quickstart()
+    data["capture"] = {"encoding": "rs-kd"}
+    data["distill"]["teacher_source"] = "store"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, data))
+    assert "capture.encoding" in str(e.value) and "'topk', 'sampled' or 'topk_sampled'" in str(e.value)
+    data["capture"] = {"encoding": "sampled", "draws": 300}
+    with pytest.raises(RecipeError, match="capture.draws"):
+        load_recipe(write(tmp_path, data))
+    data["capture"] = {"encoding": "topk_sampled", "k": 8, "draws": 16}
+    data["distill"]["losses"]["kd"]["divergence"] = "reverse_kl"
+    with pytest.raises(RecipeError, match="capture.encoding 'topk_sampled' stores sampled tokens.*forward KL only"):
+        load_recipe(write(tmp_path, data))
+    data["distill"]["losses"]["kd"]["divergence"] = "forward_kl"
+    r = load_recipe(write(tmp_path, data))
+    assert (r.capture.encoding, r.capture.stored_k, r.capture.draws) == ("topk_sampled", 8, 16)
+    data["capture"] = {"encoding": "sampled"}
+    assert load_recipe(write(tmp_path, data)).capture.stored_k == 0

@@ -141,6 +141,55 @@ def test_capture_refuses_a_sparse_teacher_with_other_k(tmp_path):
         capture(tiny_teacher(k=8), blocks(), tmp_path / "s", k=16, progress=False)
 
 
+@pytest.mark.parametrize("encoding, k, draws", [("sampled", 0, 12), ("topk_sampled", 4, 8)])
+def test_a_sampled_store_holds_exactly_the_seeded_draws(encoding, k, draws, tmp_path):
+    from distillery.signals.sampled import draw, example_generator, weights
+
+    dense = tiny_teacher(k=None, temperature=2.0)
+    x = blocks()
+    st = capture(dense, x, tmp_path / "s", k=k, temperature=2.0, shard_tokens=36, progress=False, encoding=encoding,
+                 draws=draws, seed=3)
+    st.verify()
+    m = st.manifest
+    assert m["format_version"] == 2 and (m["encoding"], m["k"], m["draws"], m["seed"]) == (encoding, k, draws, 3)
+    assert f"encoding         {encoding} ({draws} draws per token, seed 3)" in inspect(st.path)
+    sig = StoredTeacher(st)(x, example_ids=torch.arange(10))
+    assert sig.is_sampled and sig.sample_ids.shape == (10, 12, k + draws)
+    logp = torch.log_softmax(dense.model(x).logits.float() / 2.0, -1)
+    for i in (0, 4, 9):  # across shards: each example's draws come from its own seeded generator
+        want = draw(logp[i], k=k, draws=draws, generator=example_generator(3, i))
+        w = weights(want["topk_logprobs"], want["tail"], want["sample_counts"].float(), draws)
+        live = w > 0
+        got_ids, got_w = sig.sample_ids[i], sig.sample_weights[i]
+        assert torch.equal(got_ids[live], torch.cat([want["topk_ids"], want["sample_ids"]], -1)[live])
+        assert (got_w[~live] == 0).all()
+        torch.testing.assert_close(got_w, w, rtol=2e-2 if k else 0, atol=1e-6 if k else 0)  # top k: 8-bit codes
+        torch.testing.assert_close(sig.entropy[i], want["entropy"], rtol=1e-6, atol=1e-6)
+    # only the distinct drawn ids are stored: 3 bytes each (uint16 id, uint8 count), no padding
+    slots = int((sig.sample_weights[..., k:] > 0).sum())
+    per_token = 2 + 3 * k + 1 + 4 * (4 if k else 1)  # input id, top k ids and codes, nsamp, row
+    fixed = sum(32 + 8 * (sh.examples + 1) for sh in st.shards)
+    assert sum(sh.bytes for sh in st.shards) == fixed + 120 * per_token + 3 * slots
+    # a resume in another encoding, with other draws or seed, is refused by name
+    for other, field in ((dict(encoding="topk", k=k or 4), "encoding"), (dict(draws=draws + 1), "draws"),
+                         (dict(seed=4), "seed")):
+        kw = {"k": k, "encoding": encoding, "draws": draws, "seed": 3, **other}
+        with pytest.raises(StoreError, match=f"cannot resume: {field} differs"):
+            capture(dense, x, st.path, temperature=2.0, shard_tokens=36, progress=False, **kw)
+
+
+def test_capture_settings_for_the_sampled_encodings_are_checked_by_name(tmp_path):
+    dense, x = tiny_teacher(k=None), blocks()
+    with pytest.raises(ValueError, match="encoding must be one of topk, sampled, topk_sampled"):
+        capture(dense, x, tmp_path / "s", k=4, encoding="rs", progress=False)
+    with pytest.raises(ValueError, match="'sampled' keeps no top k; pass k=0"):
+        capture(dense, x, tmp_path / "s", k=4, encoding="sampled", draws=8, progress=False)
+    with pytest.raises(ValueError, match="draws must be in 1..255"):
+        capture(dense, x, tmp_path / "s", k=4, encoding="topk_sampled", draws=0, progress=False)
+    with pytest.raises(ValueError, match="needs a dense teacher signal"):
+        capture(tiny_teacher(k=8), x, tmp_path / "t", k=8, encoding="topk_sampled", draws=8, progress=False)
+
+
 def test_stored_teacher_refuses_misaligned_tokens(store):
     _, x, st = store
     with pytest.raises(StoreError, match=r"example\(s\) \[4\]"):
@@ -179,7 +228,10 @@ _CHILD = textwrap.dedent("""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=64)
-    inner = OnlineTeacher(transformers.LlamaForCausalLM(cfg), model_id="tiny", tokenizer_fingerprint="fp", top_k=8)
+    encoding = sys.argv[3]
+    k = {"topk": 8, "sampled": 0, "topk_sampled": 4}[encoding]
+    inner = OnlineTeacher(transformers.LlamaForCausalLM(cfg), model_id="tiny", tokenizer_fingerprint="fp",
+                          top_k=8 if encoding == "topk" else None)
     slow = float(sys.argv[2])
     class Slow:  # the real tiny model, slowed so the parent can kill it between shards
         identity, vocab_size = inner.identity, 300
@@ -187,14 +239,16 @@ _CHILD = textwrap.dedent("""
             time.sleep(slow)
             return inner(x, am)
     x = torch.randint(0, 300, (40, 8), generator=torch.Generator().manual_seed(3))
-    capture(Slow(), x, sys.argv[1], k=8, shard_tokens=16, batch_size=2, progress=False)
+    capture(Slow(), x, sys.argv[1], k=k, shard_tokens=16, batch_size=2, progress=False, encoding=encoding,
+            draws=0 if encoding == "topk" else 6, seed=1)
 """)
 
 
-def test_sigkill_mid_capture_then_resume_holds_every_example_once(tmp_path):
+@pytest.mark.parametrize("encoding", ["topk", "sampled", "topk_sampled"])
+def test_sigkill_mid_capture_then_resume_holds_every_example_once(encoding, tmp_path):
     out = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(out), "0.05"], env=env)
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(out), "0.05", encoding], env=env)
     deadline = time.time() + 60
     try:
         while time.time() < deadline:
@@ -208,7 +262,7 @@ def test_sigkill_mid_capture_then_resume_holds_every_example_once(tmp_path):
         child.wait(30)
     partial = LogitStore(out)
     assert not partial.complete and 0 < len(partial) < 40
-    subprocess.run([sys.executable, "-c", _CHILD, str(out), "0"], env=env, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", _CHILD, str(out), "0", encoding], env=env, check=True, timeout=120)
     st = LogitStore(out)
     st.verify()
     assert st.complete and len(st) == 40 and not list(out.glob(".*.tmp"))
@@ -216,3 +270,6 @@ def test_sigkill_mid_capture_then_resume_holds_every_example_once(tmp_path):
     assert firsts == list(range(0, 40, 2))  # contiguous, no gap, no overlap
     x = torch.randint(0, 300, (40, 8), generator=torch.Generator().manual_seed(3))
     assert torch.equal(st.batch(range(40))["input_ids"], x)
+    if encoding != "topk":  # the sampled signal reads back whole across the resumed shards
+        sig = StoredTeacher(st)(x, example_ids=torch.arange(40))
+        torch.testing.assert_close(sig.sample_weights.sum(-1), torch.ones(40, 8), rtol=0, atol=2e-2)

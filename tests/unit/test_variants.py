@@ -11,11 +11,14 @@ from distillery.recipe import parse_recipe
 from tests.helpers import assert_kl_lowered, run, tiny_llama, tiny_recipe
 
 
-def test_token_kd_from_the_logit_store(tiny_teacher_dir, lee_file, tmp_path):
-    summary = run(tiny_recipe(tmp_path, tiny_teacher_dir, lee_file, capture={"k": 16, "temperature": 1.0},
+@pytest.mark.parametrize("capture", [{"k": 16}, pytest.param({"encoding": "topk_sampled", "k": 4, "draws": 16},
+                                                                marks=pytest.mark.slow)])
+def test_token_kd_from_the_logit_store(capture, tiny_teacher_dir, lee_file, tmp_path):
+    summary = run(tiny_recipe(tmp_path, tiny_teacher_dir, lee_file, capture={**capture, "temperature": 1.0},
                               distill={"teacher_source": "store"}))
     assert_kl_lowered(summary)
-    assert (tmp_path / "runs" / "v" / "logits" / "manifest.json").is_file()
+    manifest = json.loads((tmp_path / "runs" / "v" / "logits" / "manifest.json").read_text())
+    assert manifest.get("encoding", "topk") == capture.get("encoding", "topk")
 
 
 def test_store_with_another_temperature_is_refused(tiny_teacher_dir, lee_file, tmp_path):

@@ -35,6 +35,11 @@ outside the top k is treated:
 
 With k = V there is no tail (its mass is exactly zero by definition) and all three equal the dense loss.
 
+Sampled teachers (``signals/sampled.py``, RS-KD) give ``(ids, weights, H(p))`` with ``E[weights] = p``;
+only ``forward_kl`` is defined for them, estimated as ``-H(p) - sum_s w_s log q(id_s)``, which is
+linear in the weights and therefore unbiased in value and gradient. It is not clamped at 0: one
+draw's estimate may be negative, and clamping would bias the mean.
+
 Memory: the loss is computed over chunks of tokens by a custom autograd function that, for each
 chunk, computes the chunk's loss and its gradient at once (the fused-cross-entropy pattern). No
 [tokens, vocab] float32 tensor larger than one chunk is ever alive, and with
@@ -189,12 +194,45 @@ def _sparse_teacher_logprobs(s: torch.Tensor, ids: torch.Tensor, logp_k: torch.T
     return torch.cat([logp_k, log_tail], -1), torch.cat([s.gather(-1, ids), rest], -1) - lse
 
 
+def check_sampled(opts: KDOptions) -> None:
+    """A sampled teacher estimates sums linear in p; of the divergences only the forward KL is one."""
+    if opts.divergence != "forward_kl":
+        raise ValueError(f"divergence {opts.divergence!r}: a sampled teacher signal (logit store encoding 'sampled' or "
+                         "'topk_sampled') supports forward_kl only: it is the one divergence linear in the teacher's "
+                         "probabilities, so sampled tokens estimate it without bias (docs/losses.md); use the 'topk' "
+                         "encoding or a live teacher for other divergences")
+
+
+def sampled_forward_kl(s: torch.Tensor, teacher: Signal) -> torch.Tensor:
+    """Per-row unbiased estimate of KL(p || softmax(s)) from a sampled teacher: -H(p) - sum_s w_s log q(id_s)."""
+    dev = s.device
+    logq = F.log_softmax(s, dim=-1).gather(-1, teacher.sample_ids.to(dev).long())
+    return -teacher.entropy.to(dev, s.dtype) - (teacher.sample_weights.to(dev, s.dtype) * logq).sum(-1)
+
+
+def _sampled_chunk(s: torch.Tensor, teacher: Signal, want_grad: bool):
+    """Loss and closed-form gradient of a chunk against a sampled teacher: ``d / d s`` of the estimate
+    is ``(sum_s w_s) q - w`` scattered onto the ids (``q`` the student's softmax)."""
+    dev = s.device
+    ids = teacher.sample_ids.to(dev).long()
+    w = teacher.sample_weights.to(dev, s.dtype)
+    lse = s.logsumexp(-1, keepdim=True)
+    loss = (-teacher.entropy.to(dev, s.dtype) - (w * (s.gather(-1, ids) - lse)).sum(-1)).sum()
+    if not want_grad:
+        return loss, None
+    grad = (s - lse).exp_().mul_(w.sum(-1, keepdim=True))
+    return loss, grad.scatter_add_(-1, ids, -w)
+
+
 def per_token_divergence(student_logits: torch.Tensor, teacher: Signal, opts: KDOptions) -> torch.Tensor:
     """Divergence per row of ``student_logits [n, V]`` against ``teacher`` (rows aligned), in fp32/fp64."""
     cd = math_dtype(student_logits)
     s = student_logits.to(cd)
     if opts.temperature != 1.0:
         s = s / opts.temperature
+    if teacher.is_sampled:
+        check_sampled(opts)
+        return sampled_forward_kl(s, teacher)
     if opts.divergence == "mse":
         if not teacher.is_dense:
             raise ValueError("divergence 'mse' compares logits and needs a dense teacher signal (got top-k)")
@@ -214,8 +252,7 @@ def per_token_divergence(student_logits: torch.Tensor, teacher: Signal, opts: KD
 
 
 def _rows(signal: Signal, idx: tuple[torch.Tensor, ...]) -> Signal:
-    dev = signal.logits.device if signal.is_dense else signal.topk_ids.device
-    return signal.select(tuple(i.to(dev) for i in idx))
+    return signal.select(tuple(i.to(signal.device) for i in idx))
 
 
 def _sparse_reduced(s: torch.Tensor, teacher: Signal, opts: KDOptions, want_grad: bool):
@@ -282,6 +319,10 @@ def _dense_forward_kl(s: torch.Tensor, t: torch.Tensor, want_grad: bool):
 def _chunk_loss_and_grad(logits: torch.Tensor, teacher: Signal, opts: KDOptions, want_grad: bool):
     """(summed divergence of a chunk, its gradient w.r.t. ``logits`` or None)."""
     cd = math_dtype(logits)
+    if teacher.is_sampled:
+        s = logits.to(cd)
+        loss, g = _sampled_chunk(s / opts.temperature if opts.temperature != 1.0 else s, teacher, want_grad)
+        return loss, (g / opts.temperature if g is not None and opts.temperature != 1.0 else g)
     if teacher.is_dense and opts.divergence == "forward_kl":
         T = opts.temperature
         s, t = logits.to(cd), teacher.logits.to(logits.device, cd)
@@ -367,6 +408,8 @@ def _run(x, weight, bias, signal, mask, opts: KDOptions, scale_t2, num_tokens, c
     if not signal.is_dense and abs(signal.identity.temperature - opts.temperature) > 1e-6:
         raise ValueError(f"temperature: the loss uses T={opts.temperature} but the sparse teacher log-probs were "
                          f"taken at T={signal.identity.temperature}; they must match")
+    if signal.is_sampled:
+        check_sampled(opts)
     rows = mask.reshape(-1).bool().nonzero().squeeze(1).to(x.device)
     scale = (opts.temperature**2 if scale_t2 else 1.0) / float(_denominator(mask, num_tokens))
     return _ChunkedKD.apply(x, weight, bias, rows, signal, opts, chunk_size, scale)

@@ -1,6 +1,7 @@
 """What a teacher says about a batch: the one signal abstraction every loss consumes.
 
-A :class:`Signal` is either dense logits or sparse top-k output ``(ids, log-probs, tail mass)``.
+A :class:`Signal` is dense logits, sparse top-k output ``(ids, log-probs, tail mass)``, or weighted
+tokens ``(ids, weights, entropy)``: an unbiased sample of the teacher's distribution (RS-KD).
 Where it came from (a live model, the logit store, a server, an ensemble) is recorded in its
 :class:`TeacherIdentity` but never matters to the losses.
 """
@@ -67,6 +68,10 @@ class Signal:
     Dense: ``logits [..., V]`` raw logits (temperature is applied by the loss).
     Sparse: ``topk_ids [..., k]`` int, ``topk_logprobs [..., k]`` log-probs at ``identity.temperature``,
     ``tail_mass [...]`` = 1 - sum(exp(topk_logprobs)), the probability outside the top k.
+    Sampled: ``sample_ids [..., S]`` int and ``sample_weights [..., S]`` (0 on padding slots) such that
+    ``E[sum_s w_s f(id_s)] = sum_i p_i f(i)`` for every ``f``, and ``entropy [...]`` = H(p), all at
+    ``identity.temperature`` (``signals/sampled.py``); only the forward KL can be estimated from it
+    without bias, since that is the one divergence linear in ``p`` (docs/losses.md).
     """
 
     identity: TeacherIdentity
@@ -74,13 +79,18 @@ class Signal:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tail_mass: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
     cross: CrossParts | None = None  # set only by a teacher with another tokenizer
 
     def __post_init__(self) -> None:
         dense = self.logits is not None
         sparse = self.topk_ids is not None and self.topk_logprobs is not None
-        if dense == sparse:
-            raise ValueError("Signal: give either dense logits or sparse topk_ids + topk_logprobs")
+        sampled = self.sample_ids is not None and self.sample_weights is not None and self.entropy is not None
+        if dense + sparse + sampled != 1:
+            raise ValueError("Signal: give exactly one of dense logits, sparse topk_ids + topk_logprobs, or "
+                             "sampled sample_ids + sample_weights + entropy")
         if sparse and self.tail_mass is None:
             self.tail_mass = tail_mass(self.topk_logprobs.float().exp())
 
@@ -88,11 +98,22 @@ class Signal:
     def is_dense(self) -> bool:
         return self.logits is not None
 
+    @property
+    def is_sampled(self) -> bool:
+        return self.sample_ids is not None
+
+    @property
+    def device(self) -> torch.device:
+        return (self.logits if self.is_dense else self.sample_ids if self.is_sampled else self.topk_ids).device
+
     def select(self, index) -> "Signal":
         """The signal at some positions (any tensor index applied to the leading dims)."""
         cross = None if self.cross is None else self.cross.select(index)
         if self.is_dense:
             return Signal(self.identity, logits=self.logits[index], cross=cross)
+        if self.is_sampled:
+            return Signal(self.identity, sample_ids=self.sample_ids[index], sample_weights=self.sample_weights[index],
+                          entropy=self.entropy[index], cross=cross)
         return Signal(self.identity, topk_ids=self.topk_ids[index], topk_logprobs=self.topk_logprobs[index],
                       tail_mass=self.tail_mass[index], cross=cross)
 

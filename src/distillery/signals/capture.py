@@ -20,8 +20,10 @@ import torch
 
 from distillery.io import atomic_write_bytes, atomic_write_json, read_json
 from distillery.signals.base import Signal, TeacherSignal, tail_mass
-from distillery.signals.store import (FORMAT_VERSION, HEADER, HEADER_SIZE, MAGIC, MANIFEST, LogitStore, StoreError,
-                                      check_manifest, dequantize_logprobs, quantize_logprobs)
+from distillery.signals.sampled import ENCODINGS, MAX_DRAWS, draw, example_generator
+from distillery.signals.store import (FORMAT_VERSION, HEADER, HEADER_SIZE, MAGIC, MAGIC2, MANIFEST,
+                                      SAMPLED_FORMAT_VERSION, SAMPLED_KEYS, LogitStore, StoreError, check_manifest,
+                                      dequantize_logprobs, quantize_logprobs)
 
 _log = logging.getLogger(__name__)
 
@@ -64,6 +66,33 @@ def encode_shard(input_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs:
     return b"".join(parts), err
 
 
+def encode_sampled_shard(input_ids: torch.Tensor, got: dict[str, torch.Tensor], vocab_dtype: np.dtype
+                         ) -> tuple[bytes, dict[str, float]]:
+    """Bytes of one version-2 shard (``store.sampled_layout``) from :func:`_run_teacher`'s sampled output."""
+    n, t = input_ids.shape
+    k = got["topk_ids"].shape[-1]
+    counts = got["sample_counts"]
+    live = counts > 0  # distinct ids are packed to the front of each token's slots
+    nsamp = live.sum(-1)
+    offsets = torch.zeros(n + 1, dtype=torch.int64)
+    offsets[1:] = nsamp.sum(-1).cumsum(0)
+    slots = int(offsets[-1])
+    parts = [HEADER.pack(MAGIC2, SAMPLED_FORMAT_VERSION, n, t, k, vocab_dtype.itemsize, slots).ljust(HEADER_SIZE, b"\0"),
+             input_ids.cpu().numpy().astype(vocab_dtype).tobytes()]
+    err: dict[str, float] = {}
+    if k > 0:
+        codes, top, scale = quantize_logprobs(got["topk_logprobs"])
+        err = quantization_error(got["topk_logprobs"], dequantize_logprobs(codes, top, scale))
+        row = torch.stack([top, scale, got["tail"].float(), got["entropy"].float()], dim=-1)
+        parts += [got["topk_ids"].numpy().astype(vocab_dtype).tobytes(), codes.numpy().tobytes()]
+    else:
+        row = got["entropy"].float().unsqueeze(-1)
+    parts += [row.numpy().astype(np.float32).tobytes(), nsamp.numpy().astype(np.uint8).tobytes(),
+              offsets.numpy().tobytes(), got["sample_ids"][live].numpy().astype(vocab_dtype).tobytes(),
+              counts[live].numpy().astype(np.uint8).tobytes()]
+    return b"".join(parts), err
+
+
 def quantization_error(exact: torch.Tensor, stored: torch.Tensor) -> dict[str, float]:
     """Sums (not means) so shards can be added up: |d log p|, |d p|, and KL(exact top-k || stored)."""
     p = exact.float().exp()
@@ -78,6 +107,8 @@ def quantization_error(exact: torch.Tensor, stored: torch.Tensor) -> dict[str, f
 
 
 def merge_error(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    if not b:  # no top k in this encoding: nothing quantised
+        return a
     out = {key: a.get(key, 0.0) + b[key] for key in b if key != "max_abs_logprob"}
     out["max_abs_logprob"] = max(a.get("max_abs_logprob", 0.0), b["max_abs_logprob"])
     return out
@@ -109,9 +140,10 @@ def topk_signal(signal: Signal, k: int, temperature: float) -> tuple[torch.Tenso
 
 
 def _new_manifest(teacher: TeacherSignal, blocks: torch.Tensor, k: int, temperature: float,
-                  vocab_size: int, examples_per_shard: int) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
+                  vocab_size: int, examples_per_shard: int, encoding: str = "topk", draws: int = 0,
+                  seed: int = 0) -> dict:
+    m = {
+        "format_version": FORMAT_VERSION if encoding == "topk" else SAMPLED_FORMAT_VERSION,
         "teacher": {"model_id": teacher.identity.model_id,
                     "tokenizer_fingerprint": teacher.identity.tokenizer_fingerprint},
         "k": k,
@@ -131,6 +163,12 @@ def _new_manifest(teacher: TeacherSignal, blocks: torch.Tensor, k: int, temperat
         "quantization_error": {},
         "capture_seconds": 0.0,
     }
+    if encoding != "topk":  # a topk manifest stays exactly version 1's
+        if k == 0:
+            m["logprob_encoding"] = "none (no top k); float32 entropy per row"
+        m.update(encoding=encoding, draws=int(draws), seed=int(seed),
+                 sample_encoding="distinct drawn ids (id dtype) with uint8 counts, packed per token")
+    return m
 
 
 def _resume(out: Path, fresh: dict, verb: str = "resume") -> dict:
@@ -143,34 +181,42 @@ def _resume(out: Path, fresh: dict, verb: str = "resume") -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise StoreError(f"{mpath}: the manifest is not readable JSON ({e}); {redo}") from None
     check_manifest(mpath, old)  # the wrong shape or format version is refused naming the keys
-    for key in _RESUME_KEYS:
-        if old.get(key) != fresh[key]:
+    # the encoding first: another encoding changes k too, and the encoding is what the user changed
+    def value(m: dict, key: str):
+        return m.get(key, "topk" if key == "encoding" else None)
+
+    for key in SAMPLED_KEYS + _RESUME_KEYS:
+        if value(old, key) != value(fresh, key):
             raise StoreError(f"{out}: cannot {verb}: {key} differs from the existing store "
-                             f"({old.get(key)!r} vs {fresh[key]!r}); use a new folder or remove this one")
+                             f"({value(old, key)!r} vs {value(fresh, key)!r}); use a new folder or remove this one")
     return old
 
 
 def _check_same_teacher(teacher: TeacherSignal, blocks: torch.Tensor, out: Path, manifest: dict, intact: int,
-                        k: int, temperature: float) -> None:
+                        k: int, temperature: float, sampling: dict) -> None:
     """Re-run the teacher on the first example of an intact shard and compare with what is stored, so a
     repair never mixes shards from two teachers that share a name (a folder whose weights changed)."""
     store = LogitStore(out)
     info = store.shards[intact]
-    stored = store.example(info.first_example)
+    stored = store.canary(store.example(info.first_example))
     x = blocks[info.first_example:info.first_example + 1]
-    _, lps, tails = _run_teacher(teacher, x, k, temperature, 1)
-    top_gap = float((lps[0, :, 0] - stored["topk_logprobs"][:, 0]).abs().max())
-    tail_gap = float((tails[0] - stored["tail_mass"]).abs().max())
-    if max(top_gap, tail_gap) > CANARY_TOLERANCE:
+    got = _run_teacher(teacher, x, k, temperature, 1, first=info.first_example, **sampling)
+    if "entropy" in got:
+        cols = [got["entropy"][0]] + ([got["topk_logprobs"][0, :, 0]] if k > 0 else [])
+        what = "entropy" + (" and top log-prob" if k > 0 else "")
+    else:
+        cols, what = [got["topk_logprobs"][0, :, 0], got["tail"][0]], "top log-prob and tail mass"
+    gap = float((torch.stack(cols, -1) - stored).abs().max())
+    if gap > CANARY_TOLERANCE:
         raise StoreError(
             f"{out}: cannot repair: the teacher {manifest['teacher']['model_id']} no longer gives the outputs stored "
-            f"in the intact {info.file} (top log-prob differs by up to {top_gap:.3g}, tail mass by {tail_gap:.3g}); "
+            f"in the intact {info.file} ({what} differ by up to {gap:.3g}); "
             "a repaired store would mix two teachers. Restore the original teacher, or remove the store folder "
             "and capture it again")
 
 
 def _repair(teacher: TeacherSignal, blocks: torch.Tensor, out: Path, manifest: dict, *, k: int, temperature: float,
-            batch_size: int, vdt: np.dtype, log: Callable[[str], None]) -> dict:
+            batch_size: int, vdt: np.dtype, log: Callable[[str], None], sampling: dict) -> dict:
     """Re-capture, in place, every listed shard whose file is missing or differs from the manifest."""
     store = LogitStore(out)
     bad = store.damaged()
@@ -180,13 +226,13 @@ def _repair(teacher: TeacherSignal, blocks: torch.Tensor, out: Path, manifest: d
     bad_ids = {i for i, _ in bad}
     intact = [i for i in range(len(store.shards)) if i not in bad_ids]
     if intact:
-        _check_same_teacher(teacher, blocks, out, manifest, intact[0], k, temperature)
+        _check_same_teacher(teacher, blocks, out, manifest, intact[0], k, temperature, sampling)
     changed = []
     for i, problem in bad:
         info = manifest["shards"][i]
         x = blocks[info["first_example"]:info["first_example"] + info["examples"]]
-        ids, lps, tails = _run_teacher(teacher, x, k, temperature, batch_size)
-        payload, _ = encode_shard(x, ids, lps, tails, vdt)
+        got = _run_teacher(teacher, x, k, temperature, batch_size, first=info["first_example"], **sampling)
+        payload, _ = _encode(x, got, vdt)
         atomic_write_bytes(out / info["file"], payload)
         digest = hashlib.sha256(payload).hexdigest()
         same = digest == info["sha256"]
@@ -202,22 +248,48 @@ def _repair(teacher: TeacherSignal, blocks: torch.Tensor, out: Path, manifest: d
     return manifest
 
 
+def _encode(x: torch.Tensor, got: dict[str, torch.Tensor], vdt: np.dtype) -> tuple[bytes, dict[str, float]]:
+    if "entropy" in got:
+        return encode_sampled_shard(x, got, vdt)
+    return encode_shard(x, got["topk_ids"], got["topk_logprobs"], got["tail"], vdt)
+
+
 @torch.no_grad()
-def _run_teacher(teacher: TeacherSignal, blocks: torch.Tensor, k: int, temperature: float, batch_size: int):
-    ids, lps, tails = [], [], []
+def _run_teacher(teacher: TeacherSignal, blocks: torch.Tensor, k: int, temperature: float, batch_size: int, *,
+                 first: int = 0, encoding: str = "topk", draws: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The teacher's output over ``blocks`` (example ``first`` onwards) in ``encoding``'s terms: top-k
+    ids, log-probs and tail; the sampled encodings add entropy and the ids drawn with their counts,
+    from a generator per example (so a shard's draws do not depend on the batch size)."""
+    parts: dict[str, list] = {}
     for i in range(0, blocks.shape[0], batch_size):
         x = blocks[i:i + batch_size]
         sig = teacher(x, torch.ones_like(x))
-        a, b, c = topk_signal(sig, k, temperature)
-        ids.append(a.cpu()), lps.append(b.cpu()), tails.append(c.cpu())
-    return torch.cat(ids), torch.cat(lps), torch.cat(tails)
+        if encoding == "topk":
+            a, b, c = topk_signal(sig, k, temperature)
+            got = {"topk_ids": a.cpu(), "topk_logprobs": b.cpu(), "tail": c.cpu()}
+        else:
+            if not sig.is_dense:
+                raise ValueError(f"capture: encoding {encoding!r} draws tokens from the teacher's whole distribution "
+                                 "and needs a dense teacher signal (this teacher gives top-k only); use encoding 'topk'")
+            logp = torch.log_softmax(sig.logits.float() / temperature, dim=-1).cpu()
+            rows = [draw(logp[j], k=k, draws=draws, generator=example_generator(seed, first + i + j))
+                    for j in range(x.shape[0])]
+            got = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+        for key, v in got.items():
+            parts.setdefault(key, []).append(v)
+    return {key: torch.cat(v) for key, v in parts.items()}
 
 
 def capture(teacher: TeacherSignal, blocks: torch.Tensor, out_dir: str | os.PathLike, *, k: int,
             temperature: float = 1.0, shard_tokens: int = 1 << 20, batch_size: int = 8,
             vocab_size: int | None = None, progress: bool = True, repair: bool = False,
-            log: Callable[[str], None] | None = None) -> LogitStore:
+            log: Callable[[str], None] | None = None, encoding: str = "topk", draws: int = 0,
+            seed: int = 0) -> LogitStore:
     """Capture the teacher's top-k over ``blocks [N, T]`` into ``out_dir``; resumes a partial store.
+
+    ``encoding``: ``topk`` (format 1), ``sampled`` (``draws`` tokens drawn from the teacher per
+    position with their counts; ``k`` must be 0) or ``topk_sampled`` (the exact top ``k`` plus
+    ``draws`` tokens drawn from the rest); draws are deterministic given ``seed`` and the example.
 
     ``repair=True`` (``distillery capture RECIPE --repair``) first re-captures exactly the listed
     shards whose file is missing or whose sha256 differs from the manifest, after checking that the
@@ -225,8 +297,15 @@ def capture(teacher: TeacherSignal, blocks: torch.Tensor, out_dir: str | os.Path
     the manifest is rewritten atomically, and only when a shard's bytes changed."""
     if blocks.dim() != 2 or blocks.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"capture: blocks must be an [N, T] integer tensor, got {tuple(blocks.shape)} {blocks.dtype}")
-    if k < 1:
-        raise ValueError(f"capture: k must be >= 1, got {k}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"capture: encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    if encoding == "sampled" and k != 0:
+        raise ValueError(f"capture: encoding 'sampled' keeps no top k; pass k=0 (got k={k}) or use 'topk_sampled'")
+    if encoding != "sampled" and k < 1:
+        raise ValueError(f"capture: k must be >= 1 for encoding {encoding!r}, got {k}")
+    if encoding != "topk" and not 1 <= draws <= MAX_DRAWS:
+        raise ValueError(f"capture: draws must be in 1..{MAX_DRAWS} for encoding {encoding!r}, got {draws}")
+    sampling = {"encoding": encoding, "draws": draws if encoding != "topk" else 0, "seed": seed}
     vocab_size = vocab_size or teacher_vocab_size(teacher)
     if vocab_size is None:
         raise ValueError("capture: vocab_size is unknown for this teacher; pass vocab_size=")
@@ -239,19 +318,19 @@ def capture(teacher: TeacherSignal, blocks: torch.Tensor, out_dir: str | os.Path
     for stale in out.glob(".shard-*.tmp"):  # left by a killed run; never listed in the manifest
         stale.unlink()
     per_shard = max(1, shard_tokens // blocks.shape[1])
-    manifest = _resume(out, _new_manifest(teacher, blocks, k, temperature, vocab_size, per_shard),
+    manifest = _resume(out, _new_manifest(teacher, blocks, k, temperature, vocab_size, per_shard, **sampling),
                        "repair" if repair else "resume")
     vdt = id_dtype(vocab_size)
     if repair and manifest["shards"]:
         manifest = _repair(teacher, blocks, out, manifest, k=k, temperature=temperature, batch_size=batch_size,
-                           vdt=vdt, log=log or _log.info)
+                           vdt=vdt, log=log or _log.info, sampling=sampling)
     start = manifest["examples"]
     bar = _progress(progress, blocks.shape[0], start)
     for first in range(start, blocks.shape[0], per_shard):
         t0 = time.perf_counter()
         x = blocks[first:first + per_shard]
-        ids, lps, tails = _run_teacher(teacher, x, k, temperature, batch_size)
-        payload, err = encode_shard(x, ids, lps, tails, vdt)
+        got = _run_teacher(teacher, x, k, temperature, batch_size, first=first, **sampling)
+        payload, err = _encode(x, got, vdt)
         name = atomic_write_bytes(out / shard_name(len(manifest["shards"])), payload).name
         digest = hashlib.sha256(payload).hexdigest()
         manifest["shards"].append({"file": name, "first_example": first, "examples": int(x.shape[0]),

@@ -1,5 +1,10 @@
 """The logit store: the teacher's top-k output, captured once, stored compactly, streamed back.
 
+Encodings (``manifest["encoding"]``, docs/logit-store.md): ``topk`` (format version 1, below; a
+manifest without the key is one), and the sampled encodings of ``signals/sampled.py`` (format
+version 2: ``sampled``, N tokens drawn from the teacher with their counts; ``topk_sampled``, an
+exact small top-k plus N draws from the rest), read back as a sampled :class:`Signal`.
+
 Layout of a store folder (format version 1, documented in docs/logit-store.md)::
 
     manifest.json          format version, teacher identity, k, temperature, dtypes, counts,
@@ -17,6 +22,21 @@ A shard is a 32-byte header followed by five C-ordered arrays, each over ``[n, T
 Log-probs are quantised per row: top-k log-probs are sorted, so the top one is kept exactly and the
 others are coded in 255 steps down to the k-th. At k=64 and vocabulary 49152 that is
 2 + 128 + 64 + 12 = 206 bytes per token, against 196,608 for dense fp32 logits.
+
+A version-2 shard (header magic ``DLSTORE2``, the last header field the number M of drawn slots)
+holds, over ``[n, T]`` tokens, with k the exact top-k (0 for ``sampled``)::
+
+    input_ids   [n, T]      id dtype
+    topk_ids    [n, T, k]   id dtype
+    codes       [n, T, k]   uint8     as in version 1
+    row         [n, T, R]   float32   (top log-prob, scale, tail mass, entropy), R = 4; (entropy), R = 1 at k = 0
+    nsamp       [n, T]      uint8     distinct ids drawn at each token
+    offsets     [n + 1]     int64     where each example's drawn slots start in the two arrays below
+    sample_ids  [M]         id dtype  the distinct drawn ids, token by token, ascending within a token
+    counts      [M]         uint8     how often each was drawn (of N = manifest["draws"])
+
+Only distinct ids are kept, so a confident teacher (most draws on one token) costs 3 bytes a token
+for its draws, not 3 N.
 """
 
 from __future__ import annotations
@@ -35,8 +55,11 @@ import torch
 from distillery.io import read_json, sha256_file
 from distillery.signals.base import Signal, TeacherIdentity
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the topk encoding's format, written and read as before
+SAMPLED_FORMAT_VERSION = 2  # the sampled encodings
+FORMAT_VERSIONS = (FORMAT_VERSION, SAMPLED_FORMAT_VERSION)
 MAGIC = b"DLSTORE1"
+MAGIC2 = b"DLSTORE2"
 HEADER = struct.Struct("<8sIIIIII")  # magic, version, n, T, k, id itemsize, reserved
 HEADER_SIZE = 32
 MANIFEST = "manifest.json"
@@ -52,6 +75,7 @@ MANIFEST_KEYS = ("format_version", "teacher", "k", "temperature", "vocab_size", 
                  "planned_examples", "examples_per_shard", "shards", "examples", "tokens")
 TEACHER_KEYS = ("model_id", "tokenizer_fingerprint")
 SHARD_KEYS = ("file", "first_example", "examples", "tokens", "bytes", "sha256")
+SAMPLED_KEYS = ("encoding", "draws", "seed")  # also required in a version-2 manifest
 
 
 class StoreError(ValueError):
@@ -84,6 +108,24 @@ def shard_layout(n: int, t: int, k: int, vocab_dtype: np.dtype) -> dict[str, tup
     out, off = {}, HEADER_SIZE
     for name, dt, shape in (("input_ids", vocab_dtype, (n, t)), ("topk_ids", vocab_dtype, (n, t, k)),
                             ("codes", np.dtype(np.uint8), (n, t, k)), ("row", np.dtype(np.float32), (n, t, 3))):
+        out[name] = (off, dt, shape)
+        off += int(np.prod(shape)) * dt.itemsize
+    out["_size"] = (off, None, ())
+    return out
+
+
+def row_columns(k: int) -> int:
+    return 4 if k > 0 else 1
+
+
+def sampled_layout(n: int, t: int, k: int, m: int, vocab_dtype: np.dtype) -> dict[str, tuple[int, np.dtype, tuple]]:
+    """name -> (byte offset, dtype, shape) of each array in a version-2 shard with ``m`` drawn slots."""
+    out, off = {}, HEADER_SIZE
+    u8, f32 = np.dtype(np.uint8), np.dtype(np.float32)
+    for name, dt, shape in (("input_ids", vocab_dtype, (n, t)), ("topk_ids", vocab_dtype, (n, t, k)),
+                            ("codes", u8, (n, t, k)), ("row", f32, (n, t, row_columns(k))), ("nsamp", u8, (n, t)),
+                            ("offsets", np.dtype(np.int64), (n + 1,)), ("sample_ids", vocab_dtype, (m,)),
+                            ("counts", u8, (m,))):
         out[name] = (off, dt, shape)
         off += int(np.prod(shape)) * dt.itemsize
     out["_size"] = (off, None, ())
@@ -163,10 +205,12 @@ def check_manifest(mpath: Path, m) -> None:
     redo = f"remove {mpath.parent} and capture again (`distillery capture RECIPE`)"
     if not isinstance(m, dict):
         raise StoreError(f"{mpath}: not a logit store manifest (a JSON {type(m).__name__}, not an object); {redo}")
-    if "format_version" in m and m["format_version"] != FORMAT_VERSION:
+    if "format_version" in m and m["format_version"] not in FORMAT_VERSIONS:
         raise StoreError(f"{mpath}: format_version {m['format_version']!r} is not supported "
-                         f"(this reader: {FORMAT_VERSION}); {redo}")
+                         f"(this reader: {', '.join(map(str, FORMAT_VERSIONS))}); {redo}")
     missing = [key for key in MANIFEST_KEYS if key not in m]
+    if m.get("format_version") == SAMPLED_FORMAT_VERSION:
+        missing += [key for key in SAMPLED_KEYS if key not in m]
     if isinstance(m.get("teacher"), dict):
         missing += [f"teacher.{key}" for key in TEACHER_KEYS if key not in m["teacher"]]
     elif "teacher" in m:
@@ -213,6 +257,9 @@ class LogitStore:
             self.block_size = int(self.manifest["block_size"])
             self.k = int(self.manifest["k"])
             self.vocab_dtype = np.dtype(self.manifest["id_dtype"])
+            self.version = int(self.manifest["format_version"])
+            self.encoding = str(self.manifest.get("encoding", "topk"))
+            self.draws = int(self.manifest.get("draws", 0))
         except (TypeError, ValueError) as e:
             raise StoreError(f"{mpath}: a field has the wrong type ({e}); remove {self.path} and capture "
                              "again") from None
@@ -266,13 +313,17 @@ class LogitStore:
             problem = shard_problem(f, s)  # before any byte of it is handed to training
             if problem is not None:
                 raise StoreError(f"{f}: {problem}; {REPAIR_HINT}")
-            layout = shard_layout(s.examples, self.block_size, self.k, self.vocab_dtype)
+            with f.open("rb") as fh:
+                magic, version, n, t, k, isz, slots = HEADER.unpack(fh.read(HEADER.size))
+            if self.version == SAMPLED_FORMAT_VERSION:
+                layout = sampled_layout(s.examples, self.block_size, self.k, slots, self.vocab_dtype)
+                want_magic = MAGIC2
+            else:
+                layout, want_magic = shard_layout(s.examples, self.block_size, self.k, self.vocab_dtype), MAGIC
             if f.stat().st_size != layout["_size"][0]:
                 raise StoreError(f"{f}: {f.stat().st_size} bytes, expected {layout['_size'][0]} for "
                                  f"{s.examples} examples (the manifest does not match this shard); {REPAIR_HINT}")
-            with f.open("rb") as fh:
-                magic, version, n, t, k, isz, _ = HEADER.unpack(fh.read(HEADER.size))
-            if magic != MAGIC or version != FORMAT_VERSION or (n, t, k) != (s.examples, self.block_size, self.k):
+            if magic != want_magic or version != self.version or (n, t, k) != (s.examples, self.block_size, self.k):
                 raise StoreError(f"{f}: header does not match the manifest (magic {magic!r}, n/T/k {n}/{t}/{k}); "
                                  f"{REPAIR_HINT}")
             self._maps[i] = {name: np.memmap(f, dtype=dt, mode="r", offset=off, shape=shape)
@@ -286,9 +337,13 @@ class LogitStore:
         return si, example - self.shards[si].first_example
 
     def example(self, i: int) -> dict[str, torch.Tensor]:
-        """One example: input_ids [T], topk_ids [T, k] int64, topk_logprobs [T, k] float32, tail_mass [T]."""
+        """One example: input_ids [T], topk_ids [T, k] int64, topk_logprobs [T, k] float32, tail_mass [T];
+        from a sampled store instead sample_ids and sample_weights [T, k + draws] (weight 0 on padding)
+        and entropy [T] (``signals/sampled.py``)."""
         si, row = self.locate(i)
         m = self._shard(si)
+        if self.version == SAMPLED_FORMAT_VERSION:
+            return self._sampled_example(i, m, row)
         r = torch.from_numpy(np.array(m["row"][row]))
         codes = torch.from_numpy(np.array(m["codes"][row]))
         return {
@@ -299,12 +354,56 @@ class LogitStore:
             "tail_mass": r[:, 2].clone(),
         }
 
+    def _sampled_example(self, i: int, m: dict[str, np.ndarray], row: int) -> dict[str, torch.Tensor]:
+        from distillery.signals.sampled import weights
+
+        t, k, n_draws = self.block_size, self.k, self.draws
+        r = torch.from_numpy(np.array(m["row"][row]))
+        nsamp = torch.from_numpy(m["nsamp"][row].astype(np.int64))
+        a, b = int(m["offsets"][row]), int(m["offsets"][row + 1])
+        if not (0 <= a <= b <= m["sample_ids"].shape[0]) or b - a != int(nsamp.sum()) or int(nsamp.max()) > n_draws:
+            raise StoreError(f"{self.path}: example {i}: drawn-slot offsets do not match the shard; {REPAIR_HINT}")
+        # scatter the packed distinct ids of each token into a [T, draws] slot table
+        tok = torch.repeat_interleave(torch.arange(t), nsamp)
+        pos = torch.arange(b - a) - torch.repeat_interleave(nsamp.cumsum(0) - nsamp, nsamp)
+        ids = torch.zeros(t, n_draws, dtype=torch.int64)
+        counts = torch.zeros(t, n_draws, dtype=torch.float32)
+        ids[tok, pos] = torch.from_numpy(m["sample_ids"][a:b].astype(np.int64))
+        counts[tok, pos] = torch.from_numpy(m["counts"][a:b].astype(np.float32))
+        if k > 0:
+            top_ids = torch.from_numpy(m["topk_ids"][row].astype(np.int64))
+            top_lp = dequantize_logprobs(torch.from_numpy(np.array(m["codes"][row])), r[:, 0], r[:, 1])
+            tail, ent = r[:, 2].clone(), r[:, 3].clone()
+        else:
+            top_ids, top_lp = torch.zeros(t, 0, dtype=torch.int64), torch.zeros(t, 0)
+            tail, ent = torch.ones(t), r[:, 0].clone()
+        return {
+            "example_id": torch.tensor(i),
+            "input_ids": torch.from_numpy(m["input_ids"][row].astype(np.int64)),
+            "sample_ids": torch.cat([top_ids, ids], -1),
+            "sample_weights": weights(top_lp, tail, counts, n_draws),
+            "entropy": ent,
+        }
+
+    def canary(self, example: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token values a repairing teacher must reproduce: the top log-prob and tail mass (topk),
+        the entropy (sampled; with a top k also the top log-prob via the first weight)."""
+        if self.version == SAMPLED_FORMAT_VERSION:
+            cols = [example["entropy"]]
+            if self.k > 0:
+                cols.append(example["sample_weights"][:, 0].clamp_min(1e-30).log())
+            return torch.stack(cols, -1)
+        return torch.stack([example["topk_logprobs"][:, 0], example["tail_mass"]], -1)
+
     def batch(self, example_ids) -> dict[str, torch.Tensor]:
         rows = [self.example(int(i)) for i in example_ids]
         return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
 
     def signal(self, batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> Signal:
-        """A sparse Signal from a (collated) batch of store examples."""
+        """A sparse (or, from a sampled store, sampled) Signal from a (collated) batch of store examples."""
+        if "sample_ids" in batch:
+            return Signal(self.identity, sample_ids=batch["sample_ids"].to(device),
+                          sample_weights=batch["sample_weights"].to(device), entropy=batch["entropy"].to(device))
         return Signal(self.identity, topk_ids=batch["topk_ids"].to(device),
                       topk_logprobs=batch["topk_logprobs"].to(device), tail_mass=batch["tail_mass"].to(device))
 
@@ -400,6 +499,8 @@ def inspect(path: str | os.PathLike) -> str:
         f"format version   {m['format_version']}",
         f"teacher          {m['teacher']['model_id']}",
         f"tokenizer        {m['teacher']['tokenizer_fingerprint'][:16]}",
+        f"encoding         {store.encoding}" + (f" ({store.draws} draws per token, seed {m['seed']})"
+                                                    if store.version == SAMPLED_FORMAT_VERSION else ""),
         f"k / temperature  {m['k']} / {m['temperature']}",
         f"dtypes           ids {m['id_dtype']}, log-probs {m.get('logprob_encoding', '?')}",
         f"examples         {len(store)} of {m['planned_examples']} x {m['block_size']} tokens"
