@@ -303,16 +303,23 @@ PARTS = {"throughput": ("batched_", "single_", "batching_", "requests_per_mode")
          "router": ("router_",)}
 
 
-def keep_previous(name: str, metrics: dict, args) -> list[str]:
-    """The figures of the parts skipped this time, from the previous results file (merged in place)."""
+def keep_previous(name: str, metrics: dict, args) -> dict:
+    """The figures of the parts skipped this time, from the previous results file (merged into
+    ``metrics``); returns each kept part's config (the run that measured it)."""
     path = RESULTS / f"{name}.json"
     skipped = [p for p in PARTS if getattr(args, f"skip_{p}")]
     if not skipped or not path.is_file():
-        return []
-    old = json.loads(path.read_text()).get("metrics", {})
-    kept = {k: v for k, v in old.items() if any(k.startswith(pre) for p in skipped for pre in PARTS[p])}
-    metrics.update({k: v for k, v in kept.items() if k not in metrics})
-    return [p for p in skipped if any(k.startswith(pre) for k in kept for pre in PARTS[p])]
+        return {}
+    old = json.loads(path.read_text())
+    old_metrics, old_config = old.get("metrics", {}), dict(old.get("config", {}))
+    old_kept = old_config.pop("kept_from_previous", {})
+    configs = {}
+    for part in skipped:
+        kept = {k: v for k, v in old_metrics.items() if k.startswith(PARTS[part]) and k not in metrics}
+        if kept:
+            metrics.update(kept)
+            configs[part] = old_kept.get(part, old_config) if isinstance(old_kept, dict) else old_config
+    return configs
 
 
 if __name__ == "__main__":
