@@ -78,6 +78,7 @@ class LocalBackend:
     def __init__(self, name: str, model, tokenizer, *, limits: LimitsConfig, metrics: ServeMetrics,
                  batching: BatchingConfig = BatchingConfig(), prices: Prices = Prices()):
         self.name, self.model, self.tok = name, model.eval(), tokenizer
+        self._token_text: dict[int, str] = {}
         self.limits, self.metrics, self.prices = limits, metrics, prices
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
@@ -112,7 +113,11 @@ class LocalBackend:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def _decode_one(self, token: int) -> str:
-        return self.tok.decode([token])
+        # Memoised: a served teacher's top-k prompt log-probs name k tokens per position (k x tokens calls).
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tok.decode([token])
+        return text
 
     # ------------------------------------------------------------ requests to jobs
 
