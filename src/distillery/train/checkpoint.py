@@ -31,9 +31,9 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     """Write ``step-N.pt`` atomically, then drop all but the newest ``keep``. Streamed into the
-    temporary file: serialising into memory first held the whole checkpoint twice (the buffer and its
-    bytes, ~2 GB for the quickstart's student and AdamW state) on top of the training state, which made
-    the last step the run's peak of resident memory (benchmarks/vs_trl.py)."""
+    temporary file: serialising into memory first held a copy of the whole checkpoint (~1 GB for the
+    quickstart's student and its AdamW state) on top of the training state, which made the last step
+    the run's peak of resident memory (benchmarks/vs_trl.py); streamed, it costs a few MiB."""
     path = folder / f"step-{step:06d}.pt"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save({"step": step, **state, "rng": rng_state()}, f)
