@@ -32,6 +32,7 @@ from _common import RESULTS, print_table, write_results
 from distillery.data import sources as src
 from distillery.data.mixture import MixtureSampler, build
 from distillery.evaluate.quality import evaluate_models
+from distillery.models.layers import decoder_layers
 from distillery.models.load import load_model
 from distillery.models.student import choose_layers, cut_layers
 from distillery.recipe import TeacherSamplesSource, load_recipe
@@ -48,19 +49,20 @@ def domain_blocks(teacher, recipe, quick: bool) -> tuple[dict, dict, dict]:
     blocks with its held-out tail; teacher samples: an independent second set (another seed) to score on,
     since 5% of each 128-token sample is too little held-out text."""
     tok, bs, frac = teacher.tokenizer, recipe.data.block_size, recipe.data.heldout_fraction
-    docs = {"austen": src.read_austen(recipe.data.source.parts), "lee": src.read_gensim_lee(),
+    parts = getattr(recipe.data.source, "parts", None) or ["prideprejudice", "persuasion", "emma"]
+    docs = {"austen": src.read_austen(parts), "lee": src.read_gensim_lee(),
             "wiki": src.read_gensim_wiki()}
-    n_samples = 16 if quick else 64
+    n_samples = 32 if quick else 64  # 5% of each sample is held out: fewer would not fill one block
     t0 = time.perf_counter()
     docs["samples"] = src.teacher_samples(teacher.model, tok, TeacherSamplesSource(
         kind="teacher_samples", num_samples=n_samples), recipe.seed, progress=True)
     held_samples = src.teacher_samples(teacher.model, tok, TeacherSamplesSource(
-        kind="teacher_samples", num_samples=n_samples // 2 if quick else 40), recipe.seed + 1, progress=True)
+        kind="teacher_samples", num_samples=16 if quick else 40), recipe.seed + 1, progress=True)
     print(f"teacher samples: {len(docs['samples'])} + {len(held_samples)} in {time.perf_counter() - t0:.0f} s")
     train_, held = {}, {}
     for name, d in docs.items():
         train_[name], held[name] = src.to_blocks(d, tok, bs, frac)
-    held["samples"] = torch.cat(src.to_blocks(held_samples, tok, bs, 0.05))
+    held["samples"] = torch.cat(src.to_blocks(held_samples, tok, bs, 0.5))  # all of it: no run trains on it
     held[EXTRA] = torch.cat(src.to_blocks(src.read_gensim_crime(), tok, bs, 0.5))
     return train_, held, {k: len(v) for k, v in docs.items()}
 
@@ -75,7 +77,7 @@ def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool,
     else:
         (data,), info = parts.values(), None
         calib = data[: recipe.student.from_teacher.calibration_blocks]
-    keep = choose_layers(recipe.student.from_teacher, len(teacher.model.model.layers), teacher.model, calib)
+    keep = choose_layers(recipe.student.from_teacher, len(decoder_layers(teacher.model)), teacher.model, calib)
     student = cut_layers(teacher.model, keep).float()
     cfg = recipe.distill.model_copy(update={"steps": steps, "checkpoint_every": 10_000, "eval_every": 10_000})
     t0 = time.perf_counter()
@@ -90,7 +92,8 @@ def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="10 steps, 4 eval blocks, two runs: checks the script")
-    ap.add_argument("--runs", default=None, help="comma-separated: quickstart, without_<domain> (default: all)")
+    ap.add_argument("--runs", default=None, help="comma-separated: quickstart, without_<domain>, on_<domain>+<domain> "
+                    "(default: quickstart and every without_<domain>)")
     ap.add_argument("--steps", type=int, default=None, help="default: the quickstart's distill.steps")
     ap.add_argument("--eval-blocks", type=int, default=None)
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
@@ -129,7 +132,11 @@ def main() -> None:
             raise SystemExit(f"{previous}: written with other settings; run without --append")
         results = {k: v for k, v in old["metrics"]["runs"].items() if k not in runs}
     for run in runs:
-        trained = ["austen"] if run == "quickstart" else [d for d in DOMAINS if d != run.removeprefix("without_")]
+        trained = (["austen"] if run == "quickstart" else run.removeprefix("on_").split("+") if run.startswith("on_")
+                   else [d for d in DOMAINS if d != run.removeprefix("without_")])
+        if not set(trained) <= set(DOMAINS) or not trained:
+            raise SystemExit(f"--runs {run}: expected quickstart, without_<domain> or on_<domain>+<domain> "
+                             f"(domains: {', '.join(DOMAINS)})")
         student, keep, seconds = distil(teacher, signal, recipe, {d: train_blocks[d] for d in trained},
                                         mixed=run != "quickstart", steps=steps)
         scores = {}
@@ -139,17 +146,16 @@ def main() -> None:
                          "ppl_ratio": m["perplexity"] / teacher_ppl[d], "kl_to_teacher": m["kl_to_teacher"]}
         results[run] = {"trained_on": trained, "kept_layers": keep, "train_seconds": seconds, "domains": scores,
                         "in_domain_ppl_ratio": statistics.fmean(scores[d]["ppl_ratio"] for d in trained),
-                        "heldout_ppl_ratio": statistics.fmean(scores[d]["ppl_ratio"] for d in DOMAINS
-                                                              if d not in trained)}
+                        "heldout_ppl_ratio": _mean([scores[d]["ppl_ratio"] for d in DOMAINS if d not in trained])}
         del student
         write_results(name, _metrics(results), _config(recipe, steps, n_eval, ndocs, held, runs, partial=True))
         print(f"{run}: in-domain ratio {results[run]['in_domain_ppl_ratio']:.2f}, held-out "
-              f"{results[run]['heldout_ppl_ratio']:.2f} ({seconds:.0f} s)")
+              f"{_fmt(results[run]['heldout_ppl_ratio'])} ({seconds:.0f} s)")
 
     runs = list(results)
     rows = [(run, ",".join(r["trained_on"]), *(f"{r['domains'][d]['ppl_ratio']:.2f} ({r['domains'][d]['kl_to_teacher']:.2f})"
                                                for d in [*DOMAINS, EXTRA]),
-             f"{r['in_domain_ppl_ratio']:.2f}", f"{r['heldout_ppl_ratio']:.2f}") for run, r in results.items()]
+             f"{r['in_domain_ppl_ratio']:.2f}", _fmt(r["heldout_ppl_ratio"])) for run, r in results.items()]
     print_table(rows, ("run", "trained on", *(f"{d} ppl x (KL)" for d in [*DOMAINS, EXTRA]), "in-domain", "held-out"))
     print("teacher perplexity: " + ", ".join(f"{d} {p:.1f}" for d, p in teacher_ppl.items()))
     metrics = _metrics(results)
@@ -160,6 +166,14 @@ def main() -> None:
     path = write_results(name, metrics, _config(recipe, steps, n_eval, ndocs, held, runs,
                                                 partial=not {"quickstart", *(f"without_{d}" for d in DOMAINS)} <= set(runs)))
     print(f"wrote {path}")
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _metrics(results: dict) -> dict:

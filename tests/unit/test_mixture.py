@@ -81,7 +81,8 @@ def test_resumed_training_continues_the_same_sequence(tmp_path):
         def record(batch, step):
             seen[step] = batch["example_ids"].tolist()
             return batch
-        cfg = DistillConfig(steps=steps, batch_size=4, lr=1e-3, warmup_steps=0, checkpoint_every=3)
+        cfg = DistillConfig(steps=steps, batch_size=4, lr=1e-3, warmup_steps=0, schedule="constant",
+                            checkpoint_every=3)  # constant: the 3-step run's schedule is the 6-step run's
         return train(cut_layers(teacher, [0]), signal, data, cfg, out_dir=out, seed=5, progress=False,
                      batch_transform=record, mixture=mixture, log=lambda m: None)
 
