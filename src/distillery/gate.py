@@ -400,5 +400,8 @@ def recipe_problems(recipe) -> list[str]:
     produce, one line per problem naming ``gate.rules[i]``."""
     if not recipe.gate.rules:
         return []
+    slices = known_slices(recipe.evaluate)
+    if recipe.data.source.kind == "mixture":  # evaluate scores each component's held-out text as a slice
+        slices += [f"heldout:{c.label}" for c in recipe.data.source.components]
     return [f"gate.{p}" for p in check_rules(recipe.gate.rules, known_metrics(recipe.evaluate), recipe.evaluated(),
-                                             known_slices(recipe.evaluate))]
+                                             slices)]

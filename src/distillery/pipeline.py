@@ -38,6 +38,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     upstream: dict = field(default_factory=dict)  # stage -> digest of what it wrote (manifest)
+    notes: dict = field(default_factory=dict)  # stage -> what its manifest entry states besides files
     _teacher: object = None
     _blocks: tuple[Examples, Examples] | None = None
 
@@ -67,21 +68,27 @@ class Context:
                                  for name in ("train", "heldout"))
         return self._blocks
 
+    def mixture(self) -> dict | None:
+        """``data/mixture.json`` (the components' rows and weights) when the data is a mixture."""
+        return read_json(self.run / "data" / "mixture.json") if self.recipe.data.source.kind == "mixture" else None
+
 
 # ---------------------------------------------------------------- stages
 
 
 def stage_data(ctx: Context) -> list[str]:
     """Tokenise the training text into fixed-length blocks with a held-out tail, or into
-    prompt/response examples (format: pairs) with the loss on the response only."""
-    from safetensors.torch import save_file
-
+    prompt/response examples (format: pairs) with the loss on the response only; a mixture's components
+    each in turn (data/mixture.json)."""
     from distillery.data import sources as src
     from distillery.models.load import load_tokenizer
 
     r = ctx.recipe
     tok = load_tokenizer(r.teacher.model, r.cache_dir, r.teacher.gguf_file)
     kind = r.data.source.kind
+    (ctx.run / "data" / "mixture.json").unlink(missing_ok=True)
+    if kind == "mixture":
+        return _mixture_data(ctx, tok)
     if r.data.format == "pairs":
         pairs = src.read_pairs(_generated(ctx) if kind == "generated" else r.data.source.path)
         cut = max(1, int(len(pairs) * (1 - r.data.heldout_fraction)))
@@ -90,13 +97,7 @@ def stage_data(ctx: Context) -> list[str]:
         train, held = src.to_pairs(pairs[:cut], tok, r.data.block_size), src.to_pairs(pairs[cut:], tok, r.data.block_size)
         what = f"{len(pairs)} prompt/response pairs"
     else:
-        if kind == "generated":
-            docs = [src.Document(p, p + " " + q) for p, q in src.read_pairs(_generated(ctx))]
-        elif kind == "teacher_samples":
-            docs = src.teacher_samples(ctx.teacher().model, ctx.teacher().tokenizer, r.data.source, r.seed,
-                                       ctx.progress)
-        else:
-            docs = src.read_source(r.data.source, r.cache_dir)
+        docs = _documents(ctx, r.data.source)
         train, held = src.to_blocks(docs, tok, r.data.block_size, r.data.heldout_fraction)
         train, held = {"input_ids": train}, {"input_ids": held}
         what = f"{len(docs)} documents"
@@ -104,13 +105,59 @@ def stage_data(ctx: Context) -> list[str]:
         from distillery.evaluate.quality import head
 
         train = head(train, r.data.max_train_blocks)
+    _save_blocks(ctx, train, held)
+    ctx.log(f"data: {what} -> {len(train['input_ids'])} training and {len(held['input_ids'])} held-out "
+            f"examples of {r.data.block_size} tokens")
+    return ["data/blocks.safetensors"]
+
+
+def _documents(ctx: Context, source) -> list:
+    """The documents of one (not mixed) source; generated pairs become running text."""
+    from distillery.data import sources as src
+
+    r = ctx.recipe
+    if source.kind == "generated":
+        return [src.Document(p, p + " " + q) for p, q in src.read_pairs(_generated(ctx))]
+    if source.kind == "teacher_samples":
+        return src.teacher_samples(ctx.teacher().model, ctx.teacher().tokenizer, source, r.seed, ctx.progress)
+    return src.read_source(source, r.cache_dir)
+
+
+def _mixture_data(ctx: Context, tok) -> list[str]:
+    """Each component cut into blocks with its own held-out tail; training rows one component after
+    another, held-out rows interleaved by weight; data/mixture.json says which rows are whose."""
+    from distillery.data import mixture, sources as src
+
+    r = ctx.recipe
+    parts = []
+    for i, comp in enumerate(r.data.source.components):
+        try:
+            docs = _documents(ctx, comp.source)
+            train, held = src.to_blocks(docs, tok, r.data.block_size, r.data.heldout_fraction)
+        except src.DataError as e:
+            raise src.DataError(f"data.source.components[{i}] ({comp.label}): {e}") from None
+        if r.data.max_train_blocks:  # the cap is shared out by weight
+            train = train[: max(1, round(r.data.max_train_blocks * r.data.source.shares()[comp.label]))]
+        parts.append((comp.label, comp.weight, {"input_ids": train}, {"input_ids": held}, len(docs)))
+    train, held, info = mixture.build(parts)
+    _save_blocks(ctx, train, held)
+    atomic_write_json(ctx.run / "data" / "mixture.json", info)
+    stated = [{k: c[k] for k in ("name", "weight", "share", "documents", "train_blocks", "heldout_blocks")}
+              for c in info["components"]]
+    ctx.notes["data"] = {"mixture": stated}
+    ctx.log("data: mixture " + ", ".join(f"{c['name']} {c['share']:.0%} ({c['train_blocks']} training, "
+                                         f"{c['heldout_blocks']} held-out blocks)" for c in stated)
+            + f" of {r.data.block_size} tokens")
+    return ["data/blocks.safetensors", "data/mixture.json"]
+
+
+def _save_blocks(ctx: Context, train: dict, held: dict) -> None:
+    from safetensors.torch import save_file
+
     with atomic_path(ctx.run / "data" / "blocks.safetensors") as tmp:
         save_file({f"{split}.{k}": v.contiguous() for split, d in (("train", train), ("heldout", held))
                    for k, v in d.items()}, str(tmp))
     ctx._blocks = None
-    ctx.log(f"data: {what} -> {len(train['input_ids'])} training and {len(held['input_ids'])} held-out "
-            f"examples of {r.data.block_size} tokens")
-    return ["data/blocks.safetensors"]
 
 
 def _generated(ctx: Context) -> Path:
@@ -130,7 +177,7 @@ def stage_student_init(ctx: Context) -> list[str]:
     s = r.student
     if s.from_teacher is not None:
         total = len(decoder_layers(teacher.model))
-        calib = ctx.blocks()[0]["input_ids"][: s.from_teacher.calibration_blocks]
+        calib = _calibration_rows(ctx, s.from_teacher.calibration_blocks)
         keep = choose_layers(s.from_teacher, total, teacher.model, calib)
         student = cut_layers(teacher.model, keep)
         ctx.log(f"student: kept teacher layers {keep} ({len(keep)} of {total}, select={s.from_teacher.select})")
@@ -146,6 +193,17 @@ def stage_student_init(ctx: Context) -> list[str]:
     save_model_folder(student, ctx.run / "student_init", teacher.tokenizer)
     atomic_write_json(ctx.run / "student_init" / "distillery.json", meta)
     return ["student_init"]
+
+
+def _calibration_rows(ctx: Context, n: int) -> torch.Tensor:
+    """The training blocks that score layer importance: the first ``n``, or for a mixture the first ``n``
+    the sampler draws (the training rows lie component after component: the head is one component)."""
+    ids = ctx.blocks()[0]["input_ids"]
+    if ctx.mixture() is None:
+        return ids[:n]
+    from distillery.data.mixture import MixtureSampler
+
+    return ids[MixtureSampler.from_info(ctx.mixture(), ctx.recipe.seed).indices(0, min(n, len(ids)))]
 
 
 def stage_generate(ctx: Context) -> list[str]:
@@ -287,7 +345,7 @@ def _train_generation(ctx: Context, student, signal, out_dir: Path, generation: 
     r = ctx.recipe
     records = train(student, signal, ctx.blocks()[0], r.distill, out_dir=out_dir, seed=r.seed + generation,
                     eval_blocks=ctx.blocks()[1], eval_teacher=ctx.teacher().model, progress=ctx.progress,
-                    log=ctx.log, batch_transform=_on_policy_batches(ctx, student, generation))
+                    log=ctx.log, batch_transform=_on_policy_batches(ctx, student, generation), mixture=ctx.mixture())
     if has_qat(student):
         strip_qat(student)
     return records
@@ -368,7 +426,7 @@ def stage_compress(ctx: Context) -> list[str]:
     r = ctx.recipe
     train, held = ctx.blocks()
     inputs = Inputs(ctx.run, train, held, lambda: _teacher_signal(ctx), ctx.teacher().model, ctx.teacher().tokenizer,
-                    ctx.student_device(), ctx.log, ctx.progress)
+                    ctx.student_device(), ctx.log, ctx.progress, ctx.mixture())
     return compress_variants(r, inputs, source_digest=ctx.upstream.get("distill") or "")
 
 
@@ -386,6 +444,11 @@ def stage_evaluate(ctx: Context) -> list[str]:
 
         for name, source in r.evaluate.slices.items():
             slices[name] = to_blocks(read_source(source, r.cache_dir), teacher.tokenizer, r.data.block_size, 0.5)[1]
+    if ctx.mixture() is not None:  # each component's own held-out text, so the report shows every domain
+        from distillery.data.mixture import heldout_of
+
+        for c in ctx.mixture()["components"]:
+            slices[f"heldout:{c['name']}"] = heldout_of(ctx.mixture(), ctx.blocks()[1], c["name"])["input_ids"]
     teacher_folder = None
     if r.evaluate.speed is not None and r.teacher.keep_layers is None:  # the folder a served teacher loads from
         from distillery.models.load import resolve_source
@@ -524,7 +587,7 @@ def run_stages(recipe: Recipe, names: list[str] | None = None, *, force: bool = 
         manifest["stages"][name] = {**manifest["stages"][name], "status": "complete", "outputs": outputs,
                                     "files": record_outputs(run, outputs, cache) if leader else {},
                                     "finished": time.time(), "seconds": round(time.perf_counter() - t0, 2),
-                                    "versions": versions()}
+                                    "versions": versions(), **ctx.notes.pop(name, {})}
         if leader:
             atomic_write_json(run / "manifest.json", manifest)
             cache.save()
@@ -549,4 +612,12 @@ def summary_line(run: Path) -> str | None:
         return None
     s = json.loads(path.read_text())
     parts = [f"{k}: ppl {v['perplexity']:.1f}, KL {v.get('kl_to_teacher', float('nan')):.3f}" for k, v in s.items()]
-    return " | ".join(parts)
+    line = " | ".join(parts)
+    texts = {"held-out": s}
+    if (run / "eval" / "slices.json").is_file():
+        texts.update(json.loads((run / "eval" / "slices.json").read_text()))
+    ratios = [f"{name} {t['student']['perplexity'] / t['teacher']['perplexity']:.2f}x" for name, t in texts.items()
+              if "student" in t and "teacher" in t]
+    if ratios:  # how much of the teacher's ability the student keeps on each kind of text
+        line += "\nstudent/teacher perplexity: " + ", ".join(ratios)
+    return line

@@ -132,7 +132,7 @@ class StudentConfig(Strict):
 
 class CorpusSource(Strict):
     kind: Literal["corpus"] = "corpus"
-    name: Literal["austen", "gensim-lee", "gensim-wiki"]
+    name: Literal["austen", "gensim-lee", "gensim-wiki", "gensim-crime"]
     parts: list[str] | None = Field(None, description="e.g. Austen books: emma, persuasion, ...")
 
 
@@ -161,8 +161,59 @@ class TeacherSamplesSource(Strict):
     batch_size: StrictInt = Field(16, ge=1)
 
 
-Source = Annotated[Union[CorpusSource, FileSource, GeneratedSource, TeacherSamplesSource],
+# One source of text (what a mixture's components and evaluation slices are).
+SingleSource = Annotated[Union[CorpusSource, FileSource, GeneratedSource, TeacherSamplesSource],
+                         Field(discriminator="kind")]
+
+
+def source_name(source) -> str:
+    """A source's default name in a mixture: the corpus, the file's stem, or the kind."""
+    if source.kind == "corpus":
+        return source.name
+    if source.kind in ("text", "jsonl"):
+        return Path(source.path).stem
+    return source.kind
+
+
+class MixtureComponent(Strict):
+    weight: Number = Field(..., gt=0, description="its share of every step's examples, relative to the others'")
+    source: SingleSource
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="how the manifest and report name "
+                             "it (default: the corpus name, the file's stem, or the kind)")
+
+    @property
+    def label(self) -> str:
+        return self.name or source_name(self.source)
+
+
+class MixtureSource(Strict):
+    """Several sources, each step's examples drawn from them by weight (data/mixture.py): a pure function of
+    the seed and the step, so a resumed run reads the same batches."""
+
+    kind: Literal["mixture"]
+    components: list[MixtureComponent] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "MixtureSource":
+        labels = [c.label for c in self.components]
+        for i, label in enumerate(labels):
+            if labels.index(label) != i:
+                raise ValueError(f"components[{i}]: the name {label!r} is taken by components[{labels.index(label)}] "
+                                 "(give each component a unique name:)")
+        return self
+
+    def shares(self) -> dict[str, float]:
+        total = sum(c.weight for c in self.components)
+        return {c.label: c.weight / total for c in self.components}
+
+
+Source = Annotated[Union[CorpusSource, FileSource, GeneratedSource, TeacherSamplesSource, MixtureSource],
                    Field(discriminator="kind")]
+
+
+def single_sources(source) -> list:
+    """The single sources a data.source reads: its components for a mixture, else itself."""
+    return [c.source for c in source.components] if source.kind == "mixture" else [source]
 
 
 class DataConfig(Strict):
@@ -651,7 +702,7 @@ class ReviewConfig(Strict):
 class EvaluateConfig(Strict):
     eval_blocks: StrictInt = Field(32, ge=1, description="held-out blocks scored per model variant")
     batch_size: StrictInt = Field(8, ge=1)
-    slices: dict[str, Source] = Field(
+    slices: dict[str, SingleSource] = Field(
         {}, description="more text to score every variant on, by name (e.g. another domain); -> eval/slices.json")
     variants: list[str] | None = Field(
         None, description="what to score: teacher, student_init, student and compress variants by name "
@@ -920,7 +971,7 @@ class Recipe(Strict):
                 and len(self.ensemble.weights) != 1 + len(self.ensemble.members):
             raise ValueError(f"ensemble.weights: {len(self.ensemble.weights)} weights for "
                              f"{1 + len(self.ensemble.members)} teachers (the main teacher comes first)")
-        if self.data.source.kind == "generated" and self.generate is None:
+        if any(s.kind == "generated" for s in single_sources(self.data.source)) and self.generate is None:
             raise ValueError("data.source: kind generated needs a generate section")
         return self
 

@@ -33,6 +33,7 @@ class Inputs:
     device: torch.device
     log: Callable[[str], None] = print
     progress: bool = True
+    mixture: dict | None = None  # data/mixture.json: re-distillation draws by the same weights
 
 
 def compress_variants(recipe, inputs: Inputs, source_digest: str) -> list[str]:
@@ -114,7 +115,7 @@ def _redistill(model, cfg, recipe, inputs: Inputs, work: Path, keep_fake_quant: 
     before = evaluate_models({"m": model}, held, teacher=inputs.eval_teacher)["m"]
     records = train(model, inputs.teacher_signal(), inputs.train_examples, train_cfg, out_dir=work,
                     seed=recipe.seed, eval_blocks=held, eval_teacher=inputs.eval_teacher,
-                    progress=inputs.progress, log=inputs.log)
+                    progress=inputs.progress, log=inputs.log, mixture=inputs.mixture)
     if has_qat(model) and not keep_fake_quant:
         strip_qat(model)
     model = model.cpu()

@@ -6,6 +6,8 @@ Real corpora come from registry packages, never from a hub at run time:
 - ``gensim-lee``: the Lee news corpus (Australian Broadcasting Corporation news, ~300 articles)
   shipped in the ``gensim`` wheel's test_data.
 - ``gensim-wiki``: a shortened English Wikipedia dump from the same test_data.
+- ``gensim-crime``: the opening of Dostoevsky's Crime and Punishment, in Russian (same test_data; ~4 KB):
+  a domain (and language) far from the others, for held-out evaluation.
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ def read_gensim_lee() -> list[Document]:
     path = gensim_data_dir() / "lee_background.cor"
     return [Document(f"lee/{i}", line.strip()) for i, line in enumerate(path.read_text("utf-8").splitlines())
             if line.strip()]
+
+
+def read_gensim_crime() -> list[Document]:
+    path = gensim_data_dir() / "crime-and-punishment.txt"
+    return [Document("crime-and-punishment", path.read_text("utf-8").strip())]
 
 
 _WIKI_MARKUP = [
@@ -198,6 +205,8 @@ def read_source(source, cache: str | Path | None = None) -> list[Document]:
             return read_gensim_lee()
         if source.name == "gensim-wiki":
             return read_gensim_wiki()
+        if source.name == "gensim-crime":
+            return read_gensim_crime()
     if source.kind == "text":
         return read_text_file(Path(source.path))
     if source.kind == "jsonl":

@@ -24,6 +24,7 @@ FILES = {
     "gate": "gate.json",
     "router": "router.json",
     "card": "data/card.md",
+    "mixture": "data/mixture.json",
 }
 # lm-eval results as evaluate/lmeval.write_lmeval stores them: eval/<variant>/lmeval_<task>.json
 LMEVAL_GLOB = "eval/*/lmeval_*.json"

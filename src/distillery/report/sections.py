@@ -294,6 +294,14 @@ def slices_section(slices: dict) -> str:
                    for name, t in slices.items())
 
 
+def mixture_section(mixture: dict) -> str:
+    """The training data mixture (data/mixture.json): each component's weight, share and size."""
+    rows = [[cell(c["name"]), num(c["weight"]), f"<td class=\"num\">{c['share']:.1%}</td>", num(c["documents"]),
+             num(c["train_blocks"]), num(c["heldout_blocks"])] for c in mixture["components"]]
+    return table(["component", "weight", "share of examples", "documents", "training blocks", "held-out blocks"],
+                 rows, caption="Each step's examples are drawn from the components by weight")
+
+
 def generations_section(generations: list) -> str:
     return metrics_table({f"generation {g['generation']}": {k: v for k, v in g.items() if k != "generation"}
                           for g in generations}, first="generation",
@@ -349,6 +357,7 @@ SECTIONS = [
     ("review", "Human review", ("review",), lambda i: review_section(i["review"])),
     ("lmeval", "Peer evaluator (lm-evaluation-harness)", ("lmeval",), lmeval_section),
     ("slices", "Held-out slices", ("slices",), lambda i: slices_section(i["slices"])),
+    ("mixture", "Training data mixture", ("mixture",), lambda i: mixture_section(i["mixture"])),
     ("generations", "Born-again generations", ("generations",), lambda i: generations_section(i["generations"])),
     ("training", "Training", ("train",), lambda i: training_section(i["train"])),
     ("card", "Dataset card", ("card",), lambda i: card_section(i["card"])),

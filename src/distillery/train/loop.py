@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from distillery.data.mixture import MixtureSampler, epoch_slice
 from distillery.evaluate.quality import Examples, as_examples, evaluate_models, head
 from distillery.io import atomic_write_text
 from distillery.recipe import DistillConfig
@@ -50,13 +51,7 @@ def lr_lambda(cfg: DistillConfig):
 
 def step_indices(step: int, per_step: int, n: int, seed: int) -> torch.Tensor:
     """The example indices of one optimiser step: consecutive slices of a seeded permutation per epoch."""
-    start = step * per_step
-    out = []
-    while len(out) < per_step:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.extend(perm[offset: offset + per_step - len(out)].tolist())
-    return torch.tensor(out)
+    return epoch_slice(step * per_step, per_step, n, seed)
 
 
 def make_optimizer(params, cfg: DistillConfig) -> torch.optim.Optimizer:
@@ -88,10 +83,12 @@ def predicted_tokens(batch: dict) -> int:
 def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Tensor | Examples, cfg: DistillConfig, *,
           out_dir: Path, seed: int = 0, eval_blocks: torch.Tensor | Examples | None = None,
           eval_teacher: torch.nn.Module | None = None, progress: bool = True, log=print,
-          distiller: Distiller | None = None, batch_transform=None) -> list[dict]:
+          distiller: Distiller | None = None, batch_transform=None, mixture: dict | None = None) -> list[dict]:
     """Distil ``student`` in place; checkpoints and ``train.jsonl`` go to ``out_dir``. Resumes from the
     newest checkpoint there. ``train_data``: ``[N, T]`` token blocks, or a dict of ``[N, T]`` tensors
     (``input_ids`` and optionally ``attention_mask``, ``labels`` with -100 for ignored targets).
+    ``mixture`` (``data/mixture.json``: which rows are which component, and the weights) draws each
+    step's examples from the components by weight instead of from all rows alike.
     Returns the log records (a resumed run's include the earlier ones)."""
     rank, world_size = world()
     data = as_examples(train_data)
@@ -103,11 +100,14 @@ def train(student: torch.nn.Module, teacher: TeacherSignal, train_data: torch.Te
     start, records = _resume(student, opt, sched, kd, out_dir, log)
     logger, stopper = _Logger(out_dir, records, cfg.tensorboard and rank == 0), _EarlyStop(cfg, records)
     per_rank = cfg.batch_size * cfg.grad_accum
+    sampler = MixtureSampler.from_info(mixture, seed) if mixture is not None else None
     student.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", disable=not progress or rank)
     for step in bar:
         t0 = time.perf_counter()
-        mine = step_indices(step, per_rank * world_size, len(data["input_ids"]), seed)[rank * per_rank:][:per_rank]
+        every = (sampler.indices(step, per_rank * world_size) if sampler is not None
+                 else step_indices(step, per_rank * world_size, len(data["input_ids"]), seed))
+        mine = every[rank * per_rank:][:per_rank]
         batch = {**{k: v[mine].to(device) for k, v in data.items()}, "example_ids": mine.to(device)}
         if batch_transform is not None:  # e.g. on-policy: the student's own completions replace the batch
             batch = batch_transform(batch, step)
