@@ -14,15 +14,16 @@ by token: Gemma predicts other tokens).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
 
-from _common import print_table, write_results
+from _common import cannot_run_here, print_table, write_results
 
 from distillery.data.sources import read_austen, read_gensim_wiki, to_blocks
 from distillery.evaluate.quality import evaluate_models
-from distillery.models.load import load_model
+from distillery.models.load import BUILTINS, load_model
 from distillery.models.student import cut_layers
 from distillery.recipe import DistillConfig, LossesConfig
 from distillery.signals.cross import CrossTokenizerTeacher
@@ -40,6 +41,8 @@ def main() -> None:
     steps = args.steps or (6 if args.quick else 150)
     n_eval = args.eval_blocks or (4 if args.quick else 32)
 
+    if importlib.util.find_spec(BUILTINS["gemma-3-270m"]["package"]) is None:
+        cannot_run_here("cross_tokenizer: Gemma 3 270M is not installed (make gemma; Gemma Terms of Use)")
     smol = load_model("builtin:smollm2-135m-instruct", device="cpu")
     gemma = load_model("builtin:gemma-3-270m", device="cpu")
     tok = smol.tokenizer
