@@ -15,9 +15,9 @@ One process, one distilled student, every comparison side by side:
    previous round left, re-distilling ``--heal-steps`` between rounds and the rest of the N steps after
    the last (``iterative_over_oneshot_ppl``). Schedules measured with these settings and functions
    (same student, calibration, examples and seed): no healing between rounds 0.999x one-shot (82.81 vs
-   82.90); 2 steps between rounds 1.020x; two rounds of N/2 steps each 1.062x (results/compress.json,
-   the run before this default changed): each round's short re-distillation restarts its warm-up and
-   decays to zero, and spends steps on layers the next round removes.
+   82.90, results/compress.json); 2 steps between rounds 1.020x; two rounds of N/2 steps each 1.062x:
+   each round's short re-distillation restarts its warm-up and decays to zero, and spends steps on
+   layers the next round removes.
 3. int4 weight-only: QAT re-distillation (``DistillConfig.qat`` -> ``prepare_qat``) then ``convert_qat``,
    vs the same re-distillation steps without QAT then post-training ``quantize(.., "int4_weight_only")``
    (``qat_over_ptq_ppl``), and vs PTQ of the distilled student as it is (``qat_over_ptq_direct_ppl``).
