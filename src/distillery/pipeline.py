@@ -198,12 +198,12 @@ def stage_student_init(ctx: Context) -> list[str]:
 def _calibration_rows(ctx: Context, n: int) -> torch.Tensor:
     """The training blocks that score layer importance: the first ``n``, or for a mixture the first ``n``
     the sampler draws (the training rows lie component after component: the head is one component)."""
-    ids = ctx.blocks()[0]["input_ids"]
-    if ctx.mixture() is None:
+    ids, info = ctx.blocks()[0]["input_ids"], ctx.mixture()
+    if info is None:
         return ids[:n]
     from distillery.data.mixture import MixtureSampler
 
-    return ids[MixtureSampler.from_info(ctx.mixture(), ctx.recipe.seed).indices(0, min(n, len(ids)))]
+    return ids[MixtureSampler.from_info(info, ctx.recipe.seed).indices(0, min(n, len(ids)))]
 
 
 def stage_generate(ctx: Context) -> list[str]:
@@ -269,12 +269,7 @@ def _teacher_signal(ctx: Context):
                              top_k=k, temperature=T)]
     for loaded, other in zip(loaded_members, foreign):
         if other:
-            from distillery.signals.cross import CrossTokenizerTeacher
-
-            members.append(CrossTokenizerTeacher(loaded.model, loaded.tokenizer, teacher.tokenizer,
-                                                 model_id=loaded.source, student_fingerprint=teacher.fingerprint,
-                                                 teacher_fingerprint=loaded.fingerprint, top_k=k, unmatched_k=k,
-                                                 temperature=T))
+            members.append(_cross_signal(loaded, teacher, top_k=k, unmatched_k=k, temperature=T))
         else:
             members.append(OnlineTeacher(loaded.model, model_id=loaded.source, tokenizer_fingerprint=loaded.fingerprint,
                                          top_k=k, temperature=T))
@@ -285,15 +280,21 @@ def _cross_teacher(ctx: Context):
     """distill.cross_tokenizer: a teacher with another tokenizer, speaking in the student's ids and positions
     (the recipe's ``teacher`` gives the student its tokenizer)."""
     from distillery.models.teacher import load_teacher
+
+    r = ctx.recipe
+    cx = r.distill.cross_tokenizer
+    return _cross_signal(load_teacher(cx.teacher, r.cache_dir), ctx.teacher(), top_k=cx.top_k,
+                         unmatched_k=cx.unmatched_k, temperature=r.distill.losses.kd.temperature,
+                         special_map=cx.special_map)
+
+
+def _cross_signal(loaded, student_side, **options):
+    """A loaded teacher of another tokenizer, speaking in the ids of ``student_side``'s tokenizer."""
     from distillery.signals.cross import CrossTokenizerTeacher
 
-    r, student_side = ctx.recipe, ctx.teacher()
-    cx = r.distill.cross_tokenizer
-    loaded = load_teacher(cx.teacher, r.cache_dir)
     return CrossTokenizerTeacher(loaded.model, loaded.tokenizer, student_side.tokenizer, model_id=loaded.source,
                                  student_fingerprint=student_side.fingerprint, teacher_fingerprint=loaded.fingerprint,
-                                 top_k=cx.top_k, unmatched_k=cx.unmatched_k,
-                                 temperature=r.distill.losses.kd.temperature, special_map=cx.special_map)
+                                 **options)
 
 
 def stage_distill(ctx: Context) -> list[str]:
