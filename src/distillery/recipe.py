@@ -588,6 +588,9 @@ class QuantizeStep(Strict):
         "auto", description="auto: the faster of torchao and torch's quantize_dynamic, measured on this machine")
     group_size: StrictInt = Field(32, ge=8)
     quantize_embeddings: bool = Field(False, description="also quantize the embeddings and lm_head")
+    keep_float: list[str] | None = Field(
+        None, description="linear layers left float, by name fragment; default: [down_proj] for int8_dynamic "
+        "(its outlier-heavy input loses most to int8 activations), none otherwise; [] quantizes every one")
 
 
 class CompressStep(Strict):

@@ -65,7 +65,7 @@ def _cases():
 @pytest.mark.parametrize("scheme, backend", list(_cases()))
 def test_quantized_outputs_are_close_reload_equal_and_smaller(scheme, backend, model, ids, tmp_path):
     ref = _logits(model, ids)
-    q = quantize(copy.deepcopy(model), scheme, backend=backend)
+    q = quantize(copy.deepcopy(model), scheme, backend=backend, keep_float=[])  # every linear but the head
     out = _logits(q, ids)
     assert 0 < _rel(out, ref) < TOLERANCE[scheme]
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
@@ -78,6 +78,33 @@ def test_quantized_outputs_are_close_reload_equal_and_smaller(scheme, backend, m
     assert _disk(folder) < 0.5 * _disk(tmp_path / "float")
     assert weight_bytes(q) < 0.5 * weight_bytes(model)
     assert parameter_count(q) == parameter_count(model)  # the same weights, held in fewer bytes
+
+
+@pytest.mark.parametrize("backend", ["torchao", "torch_dynamic"])
+def test_keep_float_leaves_the_named_linears_float_and_reloads_so(backend, model, ids, tmp_path):
+    default = quantize(copy.deepcopy(model), "int8_dynamic", backend=backend)  # int8_dynamic: down_proj float
+    every = quantize(copy.deepcopy(model), "int8_dynamic", backend=backend, keep_float=[])
+    one = quantize(copy.deepcopy(model), "int8_dynamic", backend=backend, keep_float=["layers.0.self_attn.q_proj"])
+
+    def is_float(m, name):
+        mod = m.get_submodule(name)
+        return type(mod) is torch.nn.Linear and type(mod.weight) is torch.nn.Parameter
+
+    layers = range(model.config.num_hidden_layers)
+    assert all(is_float(default, f"model.layers.{i}.mlp.down_proj") for i in layers)
+    assert not any(is_float(default, f"model.layers.{i}.mlp.up_proj") for i in layers)
+    assert not any(is_float(every, f"model.layers.{i}.mlp.down_proj") for i in layers)
+    assert is_float(one, "model.layers.0.self_attn.q_proj") and not is_float(one, "model.layers.1.self_attn.q_proj")
+    assert weight_bytes(every) < weight_bytes(default) < weight_bytes(model)
+    for name, q in (("default", default), ("one", one)):
+        out = _logits(q, ids)
+        folder = save_quantized(q, tmp_path / name)
+        back = load_quantized(folder)
+        assert torch.equal(_logits(back, ids), out)
+        assert is_float(back, "model.layers.0.self_attn.q_proj") == (name == "one")
+        assert is_float(back, "model.layers.1.mlp.down_proj") == (name == "default")
+    with pytest.raises(QuantizeError, match="^keep_float: 'down_prj' names no linear layer"):
+        quantize(copy.deepcopy(model), "int8_dynamic", backend=backend, keep_float=["down_prj"])
 
 
 def test_quantized_embeddings_shrink_further_and_reload(model, ids, tmp_path):
