@@ -1,7 +1,8 @@
 """Cross-tokenizer distillation: does a teacher with another vocabulary help? CE alone vs ULD vs the
 GOLD-style hybrid, same student, text, token budget and seed.
 
-The student keeps 15 of SmolLM2-135M-Instruct's 30 layers (evenly spaced) and its tokenizer; the teacher
+The student keeps 15 of SmolLM2-135M-Instruct's 30 layers (chosen by block influence, as the quickstart's)
+and its tokenizer; the teacher
 is Gemma 3 270M (vocabulary 262,144 against 49,152; `make gemma`), aligned on byte offsets per block
 (signals/align.py). All runs train on Jane Austen with the task CE (weight 1 for CE alone, 0.5 beside
 the cross-vocabulary terms) and are scored on held-out Austen (in-domain) and on Wikipedia text (another
@@ -24,8 +25,9 @@ from _common import cannot_run_here, print_table, write_results
 from distillery.data.sources import read_austen, read_gensim_wiki, to_blocks
 from distillery.evaluate.quality import evaluate_models
 from distillery.models.load import BUILTINS, load_model
-from distillery.models.student import cut_layers
-from distillery.recipe import DistillConfig, LossesConfig
+from distillery.models.layers import decoder_layers
+from distillery.models.student import choose_layers, cut_layers
+from distillery.recipe import CutConfig, DistillConfig, LossesConfig
 from distillery.signals.cross import CrossTokenizerTeacher
 from distillery.train.loop import train
 
@@ -49,7 +51,8 @@ def main() -> None:
     train_in, held_in = to_blocks(read_austen(["prideprejudice", "persuasion", "emma"]), tok, 128, 0.05)
     _, held_out = to_blocks(read_gensim_wiki(), tok, 128, 0.1)
     held_in, held_out = held_in[:n_eval], held_out[:n_eval]
-    keep = list(range(0, 30, 2))
+    cut = CutConfig(num_layers=15, select="importance", calibration_blocks=8)
+    keep = choose_layers(cut, len(decoder_layers(smol.model)), smol.model, train_in[: cut.calibration_blocks])
     t0 = time.perf_counter()
     signal = CrossTokenizerTeacher(gemma.model, gemma.tokenizer, tok, model_id="gemma-3-270m",
                                    student_fingerprint=smol.fingerprint, teacher_fingerprint=gemma.fingerprint,

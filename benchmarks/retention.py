@@ -97,11 +97,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the quickstart's distill.steps")
     ap.add_argument("--eval-blocks", type=int, default=None)
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the recipe (e.g. distill.lr=1e-3) to compare defaults; repeatable")
+    ap.add_argument("--tag", default="", help="suffix of the results file (retention_<tag>.json)")
     ap.add_argument("--append", action="store_true", help="keep the runs already in the results file (same settings)")
     ap.add_argument("--domains-cache", default=None, help="a .pt file: reuse the domains' blocks (teacher samples "
                     "included) between invocations that split the runs")
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     steps = args.steps or (10 if args.quick else recipe.distill.steps)
     n_eval = args.eval_blocks or (4 if args.quick else 32)
     runs = (args.runs.split(",") if args.runs else
@@ -121,13 +124,14 @@ def main() -> None:
     print("teacher perplexity: " + ", ".join(f"{d} {p:.1f}" for d, p in teacher_ppl.items()))
 
     results: dict[str, dict] = {}
-    name = "retention" + ("_quick" if args.quick else "")
+    name = "retention" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     previous = RESULTS / f"{name}.json"
     if args.append and previous.is_file():
         old = json.loads(previous.read_text())
-        mine = _config(recipe, steps, n_eval, ndocs, held, runs, partial=True)
+        mine = _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=args.set)
         same = all(old["config"].get(k) == mine[k] for k in ("steps", "batch_size", "block_size", "lr", "losses",
-                                                              "student", "eval_blocks_per_domain", "seed"))
+                                                              "student", "eval_blocks_per_domain", "seed",
+                                                              "overrides"))
         if not same:
             raise SystemExit(f"{previous}: written with other settings; run without --append")
         results = {k: v for k, v in old["metrics"]["runs"].items() if k not in runs}
@@ -148,7 +152,7 @@ def main() -> None:
                         "in_domain_ppl_ratio": statistics.fmean(scores[d]["ppl_ratio"] for d in trained),
                         "heldout_ppl_ratio": _mean([scores[d]["ppl_ratio"] for d in DOMAINS if d not in trained])}
         del student
-        write_results(name, _metrics(results), _config(recipe, steps, n_eval, ndocs, held, runs, partial=True))
+        write_results(name, _metrics(results), _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=args.set))
         print(f"{run}: in-domain ratio {results[run]['in_domain_ppl_ratio']:.2f}, held-out "
               f"{_fmt(results[run]['heldout_ppl_ratio'])} ({seconds:.0f} s)")
 
@@ -195,14 +199,14 @@ def _metrics(results: dict) -> dict:
     return metrics
 
 
-def _config(recipe, steps, n_eval, ndocs, held, runs, partial: bool) -> dict:
+def _config(recipe, steps, n_eval, ndocs, held, runs, partial: bool, overrides: list[str]) -> dict:
     d = recipe.distill
     return {"recipe": "recipes/quickstart.yaml (data replaced per run)", "steps": steps, "batch_size": d.batch_size,
             "block_size": recipe.data.block_size, "lr": d.lr, "schedule": d.schedule, "seed": recipe.seed,
             "losses": d.losses.model_dump(mode="json", include={"ce_weight", "kd"}),
             "student": recipe.student.from_teacher.model_dump(mode="json"), "eval_blocks": n_eval,
             "eval_blocks_per_domain": {k: len(v) for k, v in held.items()}, "documents": ndocs,
-            "mixture_weights": "equal", "runs": runs, "partial": partial}
+            "mixture_weights": "equal", "overrides": overrides, "runs": runs, "partial": partial}
 
 
 if __name__ == "__main__":
