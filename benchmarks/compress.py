@@ -263,8 +263,10 @@ def run(args, work: Path) -> None:
     final_float = models[final_name]
     threads = torch.get_num_threads()
     torch.set_num_threads(args.speed_threads)
-    choice = choose_backend(final_float, "int8_dynamic", train_blocks[:1, :32])
-    final = quantize(copy.deepcopy(final_float), "int8_dynamic", backend=choice.backend)
+    # every linear in int8 (keep_float=[]), as in the recorded results: the smallest model; the recipes'
+    # default keeps down_proj float for perplexity (docs/compression.md)
+    choice = choose_backend(final_float, "int8_dynamic", train_blocks[:1, :32], keep_float=[])
+    final = quantize(copy.deepcopy(final_float), "int8_dynamic", backend=choice.backend, keep_float=[])
     print(f"final student: {final_name}; int8 backend: {choice.backend} (median forward seconds {choice.seconds}, "
           f"float {choice.float_seconds})")
     # torchao int8 weight-only beside it: no activation quantization (SmolLM's MLP inputs have outliers
