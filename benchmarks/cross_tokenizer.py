@@ -2,12 +2,11 @@
 GOLD-style hybrid, same student, text, token budget and seed.
 
 The student keeps 15 of SmolLM2-135M-Instruct's 30 layers (chosen by block influence, as the quickstart's)
-and its tokenizer; the teacher
-is Gemma 3 270M (vocabulary 262,144 against 49,152; `make gemma`), aligned on byte offsets per block
-(signals/align.py). All runs train on Jane Austen with the task CE (weight 1 for CE alone, 0.5 beside
-the cross-vocabulary terms) and are scored on held-out Austen (in-domain) and on Wikipedia text (another
-domain) by perplexity, and by KL to SmolLM2 (the only teacher whose KL to the student is defined token
-by token: Gemma predicts other tokens).
+and its tokenizer; the teacher is Gemma 3 270M (vocabulary 262,144 against 49,152; `make gemma`), aligned
+on byte offsets per block (signals/align.py). All runs train on Jane Austen with the task CE (weight 1 for
+CE alone, 0.5 beside the cross-vocabulary terms) and are scored on held-out Austen (in-domain) and on
+Wikipedia text (another domain) by perplexity, and by KL to SmolLM2 (the only teacher whose KL to the
+student is defined token by token: Gemma predicts other tokens).
 
     python benchmarks/cross_tokenizer.py [--quick] [--steps N]
 """
@@ -40,7 +39,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top-k", type=int, default=64)
     args = ap.parse_args()
-    steps = args.steps or (6 if args.quick else 150)
+    steps = args.steps or (6 if args.quick else 120)  # 120: recipes/cross_tokenizer.yaml's budget
     n_eval = args.eval_blocks or (4 if args.quick else 32)
 
     if importlib.util.find_spec(BUILTINS["gemma-3-270m"]["package"]) is None:

@@ -152,7 +152,8 @@ def main() -> None:
                         "in_domain_ppl_ratio": statistics.fmean(scores[d]["ppl_ratio"] for d in trained),
                         "heldout_ppl_ratio": _mean([scores[d]["ppl_ratio"] for d in DOMAINS if d not in trained])}
         del student
-        write_results(name, _metrics(results), _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=args.set))
+        write_results(name, _metrics(results),
+                      _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=args.set))
         print(f"{run}: in-domain ratio {results[run]['in_domain_ppl_ratio']:.2f}, held-out "
               f"{_fmt(results[run]['heldout_ppl_ratio'])} ({seconds:.0f} s)")
 

@@ -96,9 +96,9 @@ def _apply(step, model: torch.nn.Module, recipe, inputs: Inputs, work: Path, kee
     if qat_scheme(model) is not None:
         return convert_qat(model, cfg.scheme), {"converted_from_qat": True}
     example = inputs.train_examples["input_ids"][:1]
-    return quantize(model, cfg.scheme, backend=cfg.backend, group_size=cfg.group_size,
-                    quantize_embeddings=cfg.quantize_embeddings, example=example, keep_float=cfg.keep_float), \
-        {"converted_from_qat": False}
+    model = quantize(model, cfg.scheme, backend=cfg.backend, group_size=cfg.group_size,
+                     quantize_embeddings=cfg.quantize_embeddings, example=example, keep_float=cfg.keep_float)
+    return model, {"converted_from_qat": False}
 
 
 def _redistill(model, cfg, recipe, inputs: Inputs, work: Path, keep_fake_quant: bool):
