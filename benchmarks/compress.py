@@ -181,7 +181,7 @@ def run(args, work: Path) -> None:
     sizes = {}
     for name, target, axes, method in (("width", half_teacher, ("mlp_channels", "hidden"), "influence"),
                                        ("depth", half_teacher, ("layers",), "influence"),
-                                       ("depth_skip_loss", half_teacher, ("layers",), "loss"),
+                                       ("depth_skip_loss", half_teacher, ("layers",), "skip_loss"),
                                        ("width_half_student", 0.5, ("mlp_channels", "hidden"), "influence")):
         result = prune_to_target(student, calib, target, axes=axes, depth_method=method)
         folder = work / f"pruned-{name}"
@@ -214,7 +214,7 @@ def run(args, work: Path) -> None:
     iterative, start, used = student, count_params(student), 0
     for j, per in enumerate(budgets, 1):
         goal = half_teacher if j == k else round(start * (half_teacher / start) ** (j / k))
-        pruned = prune_to_target(iterative, calib, goal, axes=("layers",), depth_method="loss",
+        pruned = prune_to_target(iterative, calib, goal, axes=("layers",), depth_method="skip_loss",
                                  tolerance=0.02 if j == k else 0.1)
         iterative = pruned.model
         print(f"iterative {j}/{k}: {count_params(iterative):,} parameters (kept layers "

@@ -168,8 +168,9 @@ def main() -> None:
                 "quickstart_in_domain_ppl_ratio"):
         if key in metrics:
             print(f"{key}: {metrics[key]:.3f}")
-    path = write_results(name, metrics, _config(recipe, steps, n_eval, ndocs, held, runs,
-                                                partial=not {"quickstart", *(f"without_{d}" for d in DOMAINS)} <= set(runs)))
+    complete = {"quickstart", *(f"without_{d}" for d in DOMAINS)} <= set(runs)
+    path = write_results(name, metrics, _config(recipe, steps, n_eval, ndocs, held, runs, partial=not complete,
+                                                overrides=args.set))
     print(f"wrote {path}")
 
 

@@ -103,7 +103,9 @@ class CutConfig(Strict):
     keep_layers: list[int] | None = None
     every: StrictInt | None = Field(None, ge=1)
     num_layers: StrictInt | None = Field(None, ge=1)
-    select: Literal["even", "importance"] = "even"
+    select: Literal["even", "importance", "skip_loss"] = Field(
+        "even", description="which num_layers to keep: evenly spaced, by block influence (importance: the layers that "
+        "turn the hidden state most), or by skip_loss (the layers whose skipping raises the calibration loss most)")
     calibration_blocks: StrictInt = Field(8, ge=1, description="blocks of training text used to score importance")
 
     @model_validator(mode="after")

@@ -12,8 +12,8 @@ from distillery.compress.prune import (
     count_params,
     prune,
     prune_to_target,
-    skip_loss_increase,
 )
+from distillery.models.student import skip_loss_increase
 from tests.helpers import tiny_llama
 
 
@@ -134,10 +134,12 @@ def test_depth_by_loss_drops_the_layer_that_does_nothing():
     blocks = _blocks()
     rises = skip_loss_increase(model, blocks)
     assert rises[1] == pytest.approx(0.0, abs=1e-6) and min(rises[0], rises[2], rises[3]) > 1e-3
-    out = prune(model, blocks, layers=0.25, depth_method="loss")
+    out = prune(model, blocks, layers=0.25, depth_method="skip_loss")
     assert out.report["kept_layers"] == [0, 2, 3]
     ids = _blocks(2, 16, seed=5)
     assert torch.allclose(_logits(out.model, ids), _logits(model, ids), atol=1e-5)
+    with pytest.raises(PruneError, match="^depth_method: 'loss'"):
+        prune(model, blocks, layers=0.25, depth_method="loss")
 
 
 @pytest.mark.slow

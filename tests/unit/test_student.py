@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from distillery.models.layers import decoder_layers
 from distillery.models.student import (StudentError, block_influence, choose_layers, cut_layers, evenly_spaced,
-                                       fresh_student)
+                                       fresh_student, skip_loss_increase)
 from distillery.recipe import CutConfig
 from tests.helpers import tiny_llama
 
@@ -44,6 +44,20 @@ def test_importance_picks_the_layers_that_change_the_hidden_state_most():
     assert scores[1] < 1e-6 and scores[4] < 1e-6 and min(scores[i] for i in (0, 2, 3, 5)) > 1e-5
     keep = choose_layers(CutConfig(num_layers=4, select="importance"), 6, teacher, blocks)
     assert keep == [0, 2, 3, 5]
+
+
+def test_skip_loss_keeps_the_layers_whose_skipping_costs_most():
+    teacher = tiny_llama(layers=6)
+    with torch.no_grad():  # layer 2 writes nothing to the residual stream: skipping it costs nothing
+        decoder_layers(teacher)[2].self_attn.o_proj.weight.zero_()
+        decoder_layers(teacher)[2].mlp.down_proj.weight.zero_()
+    blocks = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+    rises = skip_loss_increase(teacher, blocks)
+    assert rises[2] == pytest.approx(0.0, abs=1e-6)
+    keep = choose_layers(CutConfig(num_layers=3, select="skip_loss"), 6, teacher, blocks)
+    assert keep == sorted(sorted(range(6), key=lambda i: -rises[i])[:3]) and 2 not in keep
+    with pytest.raises(StudentError, match="select=skip_loss needs the teacher"):
+        choose_layers(CutConfig(num_layers=3, select="skip_loss"), 6)
 
 
 def test_choose_layers_variants_and_errors():

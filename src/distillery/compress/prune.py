@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distillery.models.layers import decoder_layers
-from distillery.models.student import block_influence, cut_layers
+from distillery.models.student import SCORING, cut_layers, layer_scores
 
 
 class PruneError(ValueError):
@@ -239,50 +239,6 @@ def activation_importance(model: torch.nn.Module, blocks: torch.Tensor, *, batch
 # ---------------------------------------------------------------------------------- depth
 
 
-@torch.no_grad()
-def calibration_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token cross-entropy of ``model`` on ``blocks``."""
-    device = next(model.parameters()).device
-    total, n = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
-                                                   reduction="sum").item()
-        n += batch[:, 1:].numel()
-    return total / max(n, 1)
-
-
-@torch.no_grad()
-def skip_loss_increase(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> list[float]:
-    """Per layer, how much the calibration loss rises when that layer is skipped (its output
-    replaced by its input): the cheapest layers to drop rise least."""
-    base = calibration_loss(model, blocks, batch_size)
-
-    def identity(module, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        return (x, *output[1:]) if isinstance(output, tuple) else x
-
-    rises = []
-    for layer in decoder_layers(model):
-        handle = layer.register_forward_hook(identity, with_kwargs=True)
-        try:
-            rises.append(calibration_loss(model, blocks, batch_size) - base)
-        finally:
-            handle.remove()
-    return rises
-
-
-def layer_scores(model: torch.nn.Module, blocks: torch.Tensor, method: str = "influence",
-                 batch_size: int = 4) -> list[float]:
-    """How much each layer matters (higher: keep): block influence or the loss rise when skipped."""
-    if method == "influence":
-        return block_influence(model, blocks, batch_size)
-    if method == "loss":
-        return skip_loss_increase(model, blocks, batch_size)
-    raise PruneError(f"depth_method: {method!r} is not one of influence, loss")
-
-
 def prune_depth(model: torch.nn.Module, blocks: torch.Tensor, keep: int, method: str = "influence",
                 batch_size: int = 4) -> tuple[torch.nn.Module, list[int]]:
     """A copy of ``model`` keeping its ``keep`` most important layers (in order), and their indices."""
@@ -291,6 +247,8 @@ def prune_depth(model: torch.nn.Module, blocks: torch.Tensor, keep: int, method:
         raise PruneError(f"layers: cannot keep {keep} of {total} layers")
     if keep == total:
         return copy.deepcopy(model), list(range(total))
+    if method not in SCORING:
+        raise PruneError(f"depth_method: {method!r} is not one of {', '.join(SCORING)}")
     scores = layer_scores(model, blocks, method, batch_size)
     kept = sorted(sorted(range(total), key=lambda i: -scores[i])[:keep])
     return cut_layers(model, kept), kept

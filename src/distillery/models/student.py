@@ -59,6 +59,53 @@ def block_influence(model: torch.nn.Module, blocks: torch.Tensor, batch_size: in
     return (sums / max(count, 1)).tolist()
 
 
+@torch.no_grad()
+def calibration_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``blocks``."""
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start:start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
+                                                   reduction="sum").item()
+        n += batch[:, 1:].numel()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def skip_loss_increase(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """Per layer, how much the calibration loss rises when that layer alone is skipped (its output
+    replaced by its input): the cheapest layers to drop rise least. One forward pass per layer."""
+    base = calibration_loss(model, blocks, batch_size)
+
+    def identity(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x, *output[1:]) if isinstance(output, tuple) else x
+
+    rises = []
+    for layer in decoder_layers(model):
+        handle = layer.register_forward_hook(identity, with_kwargs=True)
+        try:
+            rises.append(calibration_loss(model, blocks, batch_size) - base)
+        finally:
+            handle.remove()
+    return rises
+
+
+SCORING = ("influence", "skip_loss")
+
+
+def layer_scores(model: torch.nn.Module, blocks: torch.Tensor, method: str = "influence",
+                 batch_size: int = 4) -> list[float]:
+    """How much each layer matters (higher: keep): block influence, or the loss rise when skipped."""
+    if method == "influence":
+        return block_influence(model, blocks, batch_size)
+    if method == "skip_loss":
+        return skip_loss_increase(model, blocks, batch_size)
+    raise StudentError(f"layer scoring {method!r} is not one of {', '.join(SCORING)}")
+
+
 def choose_layers(cfg, total: int, teacher: torch.nn.Module | None = None,
                   calibration: torch.Tensor | None = None) -> list[int]:
     """The teacher layers a ``student.from_teacher`` recipe section keeps, in order."""
@@ -75,8 +122,9 @@ def choose_layers(cfg, total: int, teacher: torch.nn.Module | None = None,
     if n > total:
         raise StudentError(f"student.from_teacher.num_layers: {n} > the teacher's {total} layers")
     if teacher is None or calibration is None:
-        raise StudentError("student.from_teacher.select=importance needs the teacher and calibration text")
-    scores = block_influence(teacher, calibration)
+        raise StudentError(f"student.from_teacher.select={cfg.select} needs the teacher and calibration text")
+    # "importance" is block influence, its name from before skip_loss existed
+    scores = layer_scores(teacher, calibration, "influence" if cfg.select == "importance" else cfg.select)
     return sorted(sorted(range(total), key=lambda i: -scores[i])[:n])
 
 
