@@ -157,3 +157,15 @@ def test_real_teacher_width_and_depth_to_half_reload_within_two_percent(tmp_path
         out.model.save_pretrained(tmp_path / "p")
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
         assert torch.equal(_logits(again, ids), _logits(out.model, ids))
+
+
+def test_every_depth_method_a_recipe_accepts_is_one_prune_knows():
+    from typing import get_args
+
+    from distillery.recipe import PruneStep
+
+    methods = get_args(PruneStep.model_fields["depth_method"].annotation)
+    assert set(methods) == {"influence", "skip_loss"}
+    model, blocks = tiny_llama(hidden=64), _blocks()
+    for method in methods:  # the recipe's names reach prune unchanged (compress/chain.py)
+        assert len(prune(model, blocks, layers=0.25, depth_method=method).report["kept_layers"]) == 3
