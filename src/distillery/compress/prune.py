@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distillery.models.layers import decoder_layers
-from distillery.models.student import SCORING, cut_layers, layer_scores
+from distillery.models.student import SCORING, cut_layers, layer_scores, top_layers
 
 
 class PruneError(ValueError):
@@ -249,8 +249,7 @@ def prune_depth(model: torch.nn.Module, blocks: torch.Tensor, keep: int, method:
         return copy.deepcopy(model), list(range(total))
     if method not in SCORING:
         raise PruneError(f"depth_method: {method!r} is not one of {', '.join(SCORING)}")
-    scores = layer_scores(model, blocks, method, batch_size)
-    kept = sorted(sorted(range(total), key=lambda i: -scores[i])[:keep])
+    kept = top_layers(layer_scores(model, blocks, method, batch_size), keep)
     return cut_layers(model, kept), kept
 
 

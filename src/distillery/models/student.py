@@ -106,6 +106,11 @@ def layer_scores(model: torch.nn.Module, blocks: torch.Tensor, method: str = "in
     raise StudentError(f"layer scoring {method!r} is not one of {', '.join(SCORING)}")
 
 
+def top_layers(scores: list[float], n: int) -> list[int]:
+    """The indices of the ``n`` highest scores, in layer order."""
+    return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:n])
+
+
 def choose_layers(cfg, total: int, teacher: torch.nn.Module | None = None,
                   calibration: torch.Tensor | None = None) -> list[int]:
     """The teacher layers a ``student.from_teacher`` recipe section keeps, in order."""
@@ -124,8 +129,7 @@ def choose_layers(cfg, total: int, teacher: torch.nn.Module | None = None,
     if teacher is None or calibration is None:
         raise StudentError(f"student.from_teacher.select={cfg.select} needs the teacher and calibration text")
     # "importance" is block influence, its name from before skip_loss existed
-    scores = layer_scores(teacher, calibration, "influence" if cfg.select == "importance" else cfg.select)
-    return sorted(sorted(range(total), key=lambda i: -scores[i])[:n])
+    return top_layers(layer_scores(teacher, calibration, "influence" if cfg.select == "importance" else cfg.select), n)
 
 
 def cut_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
