@@ -46,13 +46,14 @@ EXTRA = "crime"  # never trained on by any run
 
 def domain_blocks(teacher, recipe, quick: bool) -> tuple[dict, dict, dict]:
     """(training blocks, evaluation blocks, documents) per domain. Text domains: the recipe's cut into
-    blocks with its held-out tail; teacher samples: an independent second set (another seed) to score on,
-    since 5% of each 128-token sample is too little held-out text."""
+    blocks with its held-out text (tails, or whole documents where they are short: Lee's news stories);
+    teacher samples: an independent second set (another seed) to score on, since 5% of 64 samples is
+    three of them, too few blocks to score."""
     tok, bs, frac = teacher.tokenizer, recipe.data.block_size, recipe.data.heldout_fraction
     parts = getattr(recipe.data.source, "parts", None) or ["prideprejudice", "persuasion", "emma"]
     docs = {"austen": src.read_austen(parts), "lee": src.read_gensim_lee(),
             "wiki": src.read_gensim_wiki()}
-    n_samples = 32 if quick else 64  # 5% of each sample is held out: fewer would not fill one block
+    n_samples = 32 if quick else 64  # 5% of them are held out (whole): fewer would not fill one block
     t0 = time.perf_counter()
     docs["samples"] = src.teacher_samples(teacher.model, tok, TeacherSamplesSource(
         kind="teacher_samples", num_samples=n_samples), recipe.seed, progress=True)

@@ -77,9 +77,9 @@ class Context:
 
 
 def stage_data(ctx: Context) -> list[str]:
-    """Tokenise the training text into fixed-length blocks with a held-out tail, or into
-    prompt/response examples (format: pairs) with the loss on the response only; a mixture's components
-    each in turn (data/mixture.json)."""
+    """Tokenise the training text into fixed-length blocks and held-out blocks (long documents' tails,
+    whole short documents: ``sources.to_blocks``), or into prompt/response examples (format: pairs) with
+    the loss on the response only; a mixture's components each in turn (data/mixture.json)."""
     from distillery.data import sources as src
     from distillery.models.load import load_tokenizer
 
@@ -124,7 +124,7 @@ def _documents(ctx: Context, source) -> list:
 
 
 def _mixture_data(ctx: Context, tok) -> list[str]:
-    """Each component cut into blocks with its own held-out tail; training rows one component after
+    """Each component cut into blocks with its own held-out text; training rows one component after
     another, held-out rows interleaved by weight; data/mixture.json says which rows are whose."""
     from distillery.data import mixture, sources as src
 

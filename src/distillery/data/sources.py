@@ -218,20 +218,36 @@ def read_source(source, cache: str | Path | None = None) -> list[Document]:
 
 
 def to_blocks(docs: list[Document], tokenizer, block_size: int, heldout_fraction: float):
-    """Tokenise and cut into ``block_size`` blocks; the last ``heldout_fraction`` of every document
-    is held out (a contiguous tail, so no held-out window overlaps a training one).
+    """Tokenise and cut into ``block_size`` blocks, holding out about ``heldout_fraction`` of the text.
+
+    A document long enough that its last ``heldout_fraction`` fills a block gives that contiguous tail
+    (so no held-out window overlaps a training one). Shorter documents are held out whole or not at all,
+    in order, so that about ``heldout_fraction`` of their tokens are held out: their tails would be a few
+    tokens each (5% of a 200-token news story is 10), stitched into blocks of fragments that score
+    nothing like the text. Too few short documents to hold one out whole (a single small file): tails.
 
     Returns ``(train [N, block_size], heldout [M, block_size])`` int64 tensors.
     """
-    train, held = [], []
     eos = tokenizer.eos_token_id
+    encoded = []
     for doc in docs:
         ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            ids = ids + [eos]
-        cut = int(len(ids) * (1 - heldout_fraction))
-        train.extend(ids[:cut])
-        held.extend(ids[cut:])
+        encoded.append(ids + [eos] if eos is not None else ids)
+    split = [int(len(ids) * (1 - heldout_fraction)) for ids in encoded]  # where each document's tail starts
+    short = [i for i, ids in enumerate(encoded) if len(ids) - split[i] < block_size]
+    whole, total, held_tokens = set(), 0, 0
+    for i in short:  # greedy: hold out a document when that brings the held-out share closer to the fraction
+        total += len(encoded[i])
+        if held_tokens + len(encoded[i]) / 2 < heldout_fraction * total:
+            whole.add(i)
+            held_tokens += len(encoded[i])
+    if whole:
+        for i in short:
+            split[i] = 0 if i in whole else len(encoded[i])
+    train, held = [], []
+    for ids, at in zip(encoded, split):
+        train.extend(ids[:at])
+        held.extend(ids[at:])
     if len(train) < block_size or len(held) < block_size:
         raise DataError(f"data: too little text for block_size {block_size} "
                         f"({len(train)} training and {len(held)} held-out tokens)")
