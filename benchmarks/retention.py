@@ -15,6 +15,7 @@ text of the domains trained on; target <= 1.5), and ``quickstart_*`` the same fo
 (its held-out domains: every domain but Austen).
 
     python benchmarks/retention.py [--quick] [--runs quickstart,without_wiki,...] [--steps N]
+                                   [--set distill.lr=1e-3] [--cut width] [--freeze-embeddings] [--tag T]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from _common import RESULTS, print_table, write_results
 
 from distillery.data import sources as src
+from distillery.compress.prune import count_params, prune_to_target
 from distillery.data.mixture import MixtureSampler, build
 from distillery.evaluate.quality import evaluate_models
 from distillery.models.layers import decoder_layers
@@ -68,9 +70,11 @@ def domain_blocks(teacher, recipe, quick: bool) -> tuple[dict, dict, dict]:
     return train_, held, {k: len(v) for k, v in docs.items()}
 
 
-def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool, steps: int):
+def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool, steps: int, cut: str = "depth",
+           freeze_embeddings: bool = False):
     """A student cut and distilled as the quickstart does, on ``parts`` (one domain: the plain path; several:
-    a mixture, equal weights). Returns (student, kept layers, seconds)."""
+    a mixture, equal weights). ``cut="width"``: every layer kept, the MLPs' channels pruned (by activation)
+    to the depth cut's parameter count instead. Returns (student, kept layers, seconds)."""
     if mixed:
         data, _, info = build([(n, 1.0, {"input_ids": b}, {"input_ids": b[:1]}, 0) for n, b in parts.items()])
         data = data["input_ids"]
@@ -80,6 +84,11 @@ def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool,
         calib = data[: recipe.student.from_teacher.calibration_blocks]
     keep = choose_layers(recipe.student.from_teacher, len(decoder_layers(teacher.model)), teacher.model, calib)
     student = cut_layers(teacher.model, keep).float()
+    if cut == "width":
+        pruned = prune_to_target(teacher.model, calib, count_params(student), axes=("mlp_channels",))
+        student, keep = pruned.model.float(), pruned.report["config"]
+    if freeze_embeddings:  # tied: the output head too
+        student.get_input_embeddings().weight.requires_grad_(False)
     cfg = recipe.distill.model_copy(update={"steps": steps, "checkpoint_every": 10_000, "eval_every": 10_000})
     t0 = time.perf_counter()
     import tempfile
@@ -100,6 +109,9 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the recipe (e.g. distill.lr=1e-3) to compare defaults; repeatable")
+    ap.add_argument("--cut", choices=("depth", "width"), default="depth",
+                    help="width: prune every layer's MLP channels to the depth cut's parameter count instead")
+    ap.add_argument("--freeze-embeddings", action="store_true", help="train all but the (tied) embeddings")
     ap.add_argument("--tag", default="", help="suffix of the results file (retention_<tag>.json)")
     ap.add_argument("--append", action="store_true", help="keep the runs already in the results file (same settings)")
     ap.add_argument("--domains-cache", default=None, help="a .pt file: reuse the domains' blocks (teacher samples "
@@ -129,7 +141,7 @@ def main() -> None:
     previous = RESULTS / f"{name}.json"
     if args.append and previous.is_file():
         old = json.loads(previous.read_text())
-        mine = _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=args.set)
+        mine = _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=_overrides(args))
         same = all(old["config"].get(k) == mine[k] for k in ("steps", "batch_size", "block_size", "lr", "losses",
                                                               "student", "eval_blocks_per_domain", "seed",
                                                               "overrides"))
@@ -143,7 +155,8 @@ def main() -> None:
             raise SystemExit(f"--runs {run}: expected quickstart, without_<domain> or on_<domain>+<domain> "
                              f"(domains: {', '.join(DOMAINS)})")
         student, keep, seconds = distil(teacher, signal, recipe, {d: train_blocks[d] for d in trained},
-                                        mixed=run != "quickstart", steps=steps)
+                                        mixed=run != "quickstart", steps=steps, cut=args.cut,
+                                        freeze_embeddings=args.freeze_embeddings)
         scores = {}
         for d, b in held.items():
             m = evaluate_models({"s": student}, b, teacher=teacher.model)["s"]
@@ -154,7 +167,7 @@ def main() -> None:
                         "heldout_ppl_ratio": _mean([scores[d]["ppl_ratio"] for d in DOMAINS if d not in trained])}
         del student
         write_results(name, _metrics(results),
-                      _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=args.set))
+                      _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=_overrides(args)))
         print(f"{run}: in-domain ratio {results[run]['in_domain_ppl_ratio']:.2f}, held-out "
               f"{_fmt(results[run]['heldout_ppl_ratio'])} ({seconds:.0f} s)")
 
@@ -171,8 +184,14 @@ def main() -> None:
             print(f"{key}: {metrics[key]:.3f}")
     complete = {"quickstart", *(f"without_{d}" for d in DOMAINS)} <= set(runs)
     path = write_results(name, metrics, _config(recipe, steps, n_eval, ndocs, held, runs, partial=not complete,
-                                                overrides=args.set))
+                                                overrides=_overrides(args)))
     print(f"wrote {path}")
+
+
+def _overrides(args) -> list[str]:
+    """What this invocation changed from the quickstart's recipe, as recorded in the results."""
+    return [*args.set, *(["--cut width"] if args.cut == "width" else []),
+            *(["--freeze-embeddings"] if args.freeze_embeddings else [])]
 
 
 def _mean(values: list[float]) -> float | None:
