@@ -30,8 +30,8 @@ import torch
 
 from _common import RESULTS, print_table, write_results
 
-from distillery.data import sources as src
 from distillery.compress.prune import count_params, prune_to_target
+from distillery.data import sources as src
 from distillery.data.mixture import MixtureSampler, build
 from distillery.evaluate.quality import evaluate_models
 from distillery.models.layers import decoder_layers

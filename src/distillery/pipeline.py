@@ -506,9 +506,15 @@ class Stage:
     derived: Callable[[Recipe], dict] = lambda r: {}
 
 
+def _split_rule() -> dict:
+    from distillery.data.sources import HELDOUT_SPLIT
+
+    return {"heldout_split": HELDOUT_SPLIT}
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("generate", stage_generate, ("teacher", "generate", "seed"), enabled=lambda r: r.generate is not None),
-    Stage("data", stage_data, ("teacher", "data", "seed"), ("generate",)),
+    Stage("data", stage_data, ("teacher", "data", "seed"), ("generate",), derived=lambda r: _split_rule()),
     Stage("student_init", stage_student_init, ("teacher", "student", "seed"), ("data",)),
     Stage("capture", stage_capture, ("teacher", "capture"), ("data",),
           enabled=lambda r: r.distill.teacher_source == "store"),
@@ -518,7 +524,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("evaluate", stage_evaluate, ("teacher", "evaluate", "compress"), ("data", "student_init", "distill",
                                                                              "compress"),
           derived=lambda r: {**({"sampling": r.intended_sampling()} if r.evaluate.sequence else {}),
-                             **({"reviewed": r.gated()} if r.evaluate.review else {})}),
+                             **({"reviewed": r.gated()} if r.evaluate.review else {}),
+                             **(_split_rule() if r.evaluate.slices else {})}),
     Stage("gate", stage_gate, ("gate", "evaluate", "compress"), ("evaluate",), enabled=lambda r: bool(r.gate.rules)),
     Stage("report", stage_report, ("report",), ("distill", "evaluate", "gate"), enabled=lambda r: r.report.enabled),
 )}

@@ -73,6 +73,19 @@ def test_replaced_data_file_reruns_data_and_everything_downstream(tiny_teacher_d
     assert after["student"]["perplexity"] != before["student"]["perplexity"]
 
 
+def test_a_run_cut_by_another_heldout_rule_is_cut_again(tiny_teacher_dir, lee_file, tmp_path, monkeypatch):
+    from distillery.data import sources
+
+    recipe = write_recipe(tmp_path, tiny_teacher_dir, lee_file)
+    assert cli("run", recipe).exit_code == 0
+    monkeypatch.setattr(sources, "HELDOUT_SPLIT", "every document's last fraction")  # the rule before 34d369f
+    again = cli("run", recipe)
+    assert again.exit_code == 0, again.output
+    assert not skipped(again, "data"), again.output
+    # one long document splits the same under either rule: the same blocks, so nothing after data re-runs
+    assert all(skipped(again, s) for s in ("student_init", "distill", "evaluate")), again.output
+
+
 def test_replaced_teacher_weights_rerun_every_stage_that_reads_the_teacher(tiny_teacher_dir, lee_file, tmp_path):
     recipe = write_recipe(tmp_path, tiny_teacher_dir, lee_file)
     assert cli("run", recipe).exit_code == 0

@@ -217,6 +217,11 @@ def read_source(source, cache: str | Path | None = None) -> list[Document]:
 # ---------------------------------------------------------------- blocks
 
 
+# The rule to_blocks splits by, hashed into the data stage's inputs (and evaluate's, for its slices):
+# a run folder cut by an earlier rule (every document's last fraction) is cut again, not reused.
+HELDOUT_SPLIT = "long documents' tails, short documents whole"
+
+
 def to_blocks(docs: list[Document], tokenizer, block_size: int, heldout_fraction: float):
     """Tokenise and cut into ``block_size`` blocks, holding out about ``heldout_fraction`` of the text.
 
