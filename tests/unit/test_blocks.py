@@ -18,7 +18,8 @@ def test_short_documents_are_held_out_whole_at_about_the_fraction(tiny_tokenizer
     # the held-out rows are whole stories back to back (5% of one is far less than a block)
     i, held_docs = 0, []
     while i < len(flat_held):
-        n = next(n for n, e in enumerate(encoded) if n not in held_docs and flat_held[i:i + len(e)] == e[: len(flat_held) - i])
+        n = next(n for n, e in enumerate(encoded)
+                 if n not in held_docs and flat_held[i:i + len(e)] == e[: len(flat_held) - i])
         held_docs.append(n)
         i += len(encoded[n])
     total = sum(map(len, encoded))
