@@ -34,9 +34,8 @@ from distillery.compress.prune import count_params, prune_to_target
 from distillery.data import sources as src
 from distillery.data.mixture import MixtureSampler, build
 from distillery.evaluate.quality import evaluate_models
-from distillery.models.layers import decoder_layers
 from distillery.models.load import load_model
-from distillery.models.student import choose_layers, cut_layers
+from distillery.models.student import cut_from_teacher
 from distillery.recipe import TeacherSamplesSource, load_recipe
 from distillery.signals.online import OnlineTeacher
 from distillery.train.loop import train
@@ -74,18 +73,23 @@ def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool,
            freeze_embeddings: bool = False):
     """A student cut and distilled as the quickstart does, on ``parts`` (one domain: the plain path; several:
     a mixture, equal weights). ``cut="width"``: every layer kept, the MLPs' channels pruned (by activation)
-    to the depth cut's parameter count instead. Returns (student, kept layers, seconds)."""
+    to the depth cut's parameter count instead. Returns (student, kept layers, seconds, the bridges' fit or None)."""
     if mixed:
         data, _, info = build([(n, 1.0, {"input_ids": b}, {"input_ids": b[:1]}, 0) for n, b in parts.items()])
         data = data["input_ids"]
-        calib = data[MixtureSampler.from_info(info, recipe.seed).indices(0, recipe.student.from_teacher.calibration_blocks)]
+
+        def rows(n):  # the first n blocks the sampler draws, as the pipeline calibrates on
+            return data[MixtureSampler.from_info(info, recipe.seed).indices(0, n)]
     else:
         (data,), info = parts.values(), None
-        calib = data[: recipe.student.from_teacher.calibration_blocks]
-    keep = choose_layers(recipe.student.from_teacher, len(decoder_layers(teacher.model)), teacher.model, calib)
-    student = cut_layers(teacher.model, keep).float()
+
+        def rows(n):
+            return data[:n]
+    student, meta = cut_from_teacher(recipe.student.from_teacher, teacher.model, rows)
+    student, keep = student.float(), meta["kept_layers"]
     if cut == "width":
-        pruned = prune_to_target(teacher.model, calib, count_params(student), axes=("mlp_channels",))
+        pruned = prune_to_target(teacher.model, rows(recipe.student.from_teacher.calibration_blocks),
+                                 count_params(student), axes=("mlp_channels",))
         student, keep = pruned.model.float(), pruned.report["config"]
     if freeze_embeddings:  # tied: the output head too
         student.get_input_embeddings().weight.requires_grad_(False)
@@ -94,9 +98,10 @@ def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool,
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
-        train(student, signal, data, cfg, out_dir=Path(out), seed=recipe.seed, progress=True, log=print,
-              mixture=info)
-    return student, keep, time.perf_counter() - t0
+        if steps:  # 0: the cut as it is, untrained
+            train(student, signal, data, cfg, out_dir=Path(out), seed=recipe.seed, progress=True, log=print,
+                  mixture=info)
+    return student, keep, time.perf_counter() - t0, meta.get("bridges")
 
 
 def main() -> None:
@@ -104,7 +109,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="10 steps, 4 eval blocks, two runs: checks the script")
     ap.add_argument("--runs", default=None, help="comma-separated: quickstart, without_<domain>, on_<domain>+<domain> "
                     "(default: quickstart and every without_<domain>)")
-    ap.add_argument("--steps", type=int, default=None, help="default: the quickstart's distill.steps")
+    ap.add_argument("--steps", type=int, default=None, help="default: the quickstart's distill.steps; 0: score the "
+                    "untrained cut")
     ap.add_argument("--eval-blocks", type=int, default=None)
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -118,7 +124,7 @@ def main() -> None:
                     "included) between invocations that split the runs")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, args.set)
-    steps = args.steps or (10 if args.quick else recipe.distill.steps)
+    steps = args.steps if args.steps is not None else 10 if args.quick else recipe.distill.steps
     n_eval = args.eval_blocks or (4 if args.quick else 32)
     runs = (args.runs.split(",") if args.runs else
             ["quickstart", "without_wiki"] if args.quick else ["quickstart", *(f"without_{d}" for d in DOMAINS)])
@@ -154,7 +160,7 @@ def main() -> None:
         if not set(trained) <= set(DOMAINS) or not trained:
             raise SystemExit(f"--runs {run}: expected quickstart, without_<domain> or on_<domain>+<domain> "
                              f"(domains: {', '.join(DOMAINS)})")
-        student, keep, seconds = distil(teacher, signal, recipe, {d: train_blocks[d] for d in trained},
+        student, keep, seconds, bridges = distil(teacher, signal, recipe, {d: train_blocks[d] for d in trained},
                                         mixed=run != "quickstart", steps=steps, cut=args.cut,
                                         freeze_embeddings=args.freeze_embeddings)
         scores = {}
@@ -162,7 +168,8 @@ def main() -> None:
             m = evaluate_models({"s": student}, b, teacher=teacher.model)["s"]
             scores[d] = {"perplexity": m["perplexity"], "teacher_perplexity": teacher_ppl[d],
                          "ppl_ratio": m["perplexity"] / teacher_ppl[d], "kl_to_teacher": m["kl_to_teacher"]}
-        results[run] = {"trained_on": trained, "kept_layers": keep, "train_seconds": seconds, "domains": scores,
+        results[run] = {"trained_on": trained, "kept_layers": keep, **({"bridges": bridges} if bridges else {}),
+                        "train_seconds": seconds, "domains": scores,
                         "in_domain_ppl_ratio": statistics.fmean(scores[d]["ppl_ratio"] for d in trained),
                         "heldout_ppl_ratio": _mean([scores[d]["ppl_ratio"] for d in DOMAINS if d not in trained])}
         del student

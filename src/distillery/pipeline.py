@@ -171,17 +171,17 @@ def stage_student_init(ctx: Context) -> list[str]:
     """Build the student (cut from the teacher or fresh) and save it as a plain HF folder."""
     from distillery.models.load import load_model
     from distillery.models.layers import decoder_layers
-    from distillery.models.student import choose_layers, cut_layers, fresh_student
+    from distillery.models.student import cut_from_teacher, fresh_student
 
     r, teacher = ctx.recipe, ctx.teacher()
     s = r.student
     if s.from_teacher is not None:
-        total = len(decoder_layers(teacher.model))
-        calib = _calibration_rows(ctx, s.from_teacher.calibration_blocks)
-        keep = choose_layers(s.from_teacher, total, teacher.model, calib)
-        student = cut_layers(teacher.model, keep)
+        student, meta = cut_from_teacher(s.from_teacher, teacher.model, lambda n: _calibration_rows(ctx, n))
+        keep, total = meta["kept_layers"], len(decoder_layers(teacher.model))
         ctx.log(f"student: kept teacher layers {keep} ({len(keep)} of {total}, select={s.from_teacher.select})")
-        meta = {"kept_layers": keep}
+        for b in meta.get("bridges", []):
+            ctx.log(f"student: bridge after teacher layer {b['after_teacher_layer']} over {b['replaces']}: "
+                    f"hidden-state error {b['mse_before']:.3g} -> {b['mse_after']:.3g}")
     elif s.model is not None:
         student = load_model(s.model, device=str(ctx.student_device()), dtype="float32", cache=r.cache_dir).model
         meta = {"source": s.model}

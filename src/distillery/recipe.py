@@ -107,6 +107,11 @@ class CutConfig(Strict):
         "even", description="which num_layers to keep: evenly spaced, by block influence (importance: the layers that "
         "turn the hidden state most), or by skip_loss (the layers whose skipping raises the calibration loss most)")
     calibration_blocks: StrictInt = Field(8, ge=1, description="blocks of training text used to score importance")
+    bridge: Literal["none", "linear"] = Field(
+        "none", description="linear: stand in for each run of dropped layers with a linear map fitted by least "
+        "squares to the teacher's hidden states and folded into the kept layer before it (models/bridge.py)")
+    bridge_blocks: StrictInt = Field(64, ge=1, description="blocks of training text the bridges are fitted on")
+    bridge_ridge: float = Field(0.01, ge=0, description="shrinks each bridge toward the plain cut (the identity)")
 
     @model_validator(mode="after")
     def _one_way(self) -> "CutConfig":

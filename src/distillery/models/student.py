@@ -132,6 +132,20 @@ def choose_layers(cfg, total: int, teacher: torch.nn.Module | None = None,
     return top_layers(layer_scores(teacher, calibration, "influence" if cfg.select == "importance" else cfg.select), n)
 
 
+def cut_from_teacher(cfg, teacher: torch.nn.Module, rows) -> tuple[torch.nn.Module, dict]:
+    """The student a ``student.from_teacher`` section (``cfg``) describes: the layers it keeps cut from
+    ``teacher``, bridged over the dropped ones if it asks. ``rows(n)``: n blocks of training text for
+    calibration. Returns the student and what was done (kept layers, the bridges' fit)."""
+    keep = choose_layers(cfg, len(decoder_layers(teacher)), teacher, rows(cfg.calibration_blocks))
+    student = cut_layers(teacher, keep)
+    meta: dict = {"kept_layers": keep}
+    if cfg.bridge == "linear":
+        from distillery.models.bridge import fit_bridges
+
+        meta["bridges"] = fit_bridges(student, teacher, keep, rows(cfg.bridge_blocks), cfg.bridge_ridge)
+    return student, meta
+
+
 def cut_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
     """A deep copy of ``teacher`` that keeps only the decoder layers ``keep`` (in order)."""
     layers = decoder_layers(teacher)
