@@ -32,7 +32,7 @@ from _common import RESULTS, print_table, write_results
 
 from distillery.compress.prune import count_params, prune_to_target
 from distillery.data import sources as src
-from distillery.data.mixture import MixtureSampler, build
+from distillery.data.mixture import build, first_drawn
 from distillery.evaluate.quality import evaluate_models
 from distillery.models.load import load_model
 from distillery.models.student import cut_from_teacher
@@ -77,14 +77,11 @@ def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool,
     if mixed:
         data, _, info = build([(n, 1.0, {"input_ids": b}, {"input_ids": b[:1]}, 0) for n, b in parts.items()])
         data = data["input_ids"]
-
-        def rows(n):  # the first n blocks the sampler draws, as the pipeline calibrates on
-            return data[MixtureSampler.from_info(info, recipe.seed).indices(0, n)]
     else:
         (data,), info = parts.values(), None
 
-        def rows(n):
-            return data[:n]
+    def rows(n):  # calibration text: the first n blocks the run draws, as in the pipeline
+        return first_drawn(data, info, recipe.seed, n)
     student, meta = cut_from_teacher(recipe.student.from_teacher, teacher.model, rows)
     student, keep = student.float(), meta["kept_layers"]
     if cut == "width":

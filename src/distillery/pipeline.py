@@ -169,6 +169,7 @@ def _generated(ctx: Context) -> Path:
 
 def stage_student_init(ctx: Context) -> list[str]:
     """Build the student (cut from the teacher or fresh) and save it as a plain HF folder."""
+    from distillery.data.mixture import first_drawn
     from distillery.models.load import load_model
     from distillery.models.layers import decoder_layers
     from distillery.models.student import cut_from_teacher, fresh_student
@@ -176,7 +177,9 @@ def stage_student_init(ctx: Context) -> list[str]:
     r, teacher = ctx.recipe, ctx.teacher()
     s = r.student
     if s.from_teacher is not None:
-        student, meta = cut_from_teacher(s.from_teacher, teacher.model, lambda n: _calibration_rows(ctx, n))
+        # calibration text: the first n training blocks the run draws
+        student, meta = cut_from_teacher(s.from_teacher, teacher.model,
+                                         lambda n: first_drawn(ctx.blocks()[0]["input_ids"], ctx.mixture(), r.seed, n))
         keep, total = meta["kept_layers"], len(decoder_layers(teacher.model))
         ctx.log(f"student: kept teacher layers {keep} ({len(keep)} of {total}, select={s.from_teacher.select})")
         for b in meta.get("bridges", []):
@@ -193,17 +196,6 @@ def stage_student_init(ctx: Context) -> list[str]:
     save_model_folder(student, ctx.run / "student_init", teacher.tokenizer)
     atomic_write_json(ctx.run / "student_init" / "distillery.json", meta)
     return ["student_init"]
-
-
-def _calibration_rows(ctx: Context, n: int) -> torch.Tensor:
-    """The training blocks that score layer importance: the first ``n``, or for a mixture the first ``n``
-    the sampler draws (the training rows lie component after component: the head is one component)."""
-    ids, info = ctx.blocks()[0]["input_ids"], ctx.mixture()
-    if info is None:
-        return ids[:n]
-    from distillery.data.mixture import MixtureSampler
-
-    return ids[MixtureSampler.from_info(info, ctx.recipe.seed).indices(0, min(n, len(ids)))]
 
 
 def stage_generate(ctx: Context) -> list[str]:

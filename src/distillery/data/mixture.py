@@ -135,6 +135,15 @@ def build(parts: list[tuple[str, float, dict[str, torch.Tensor], dict[str, torch
     return train, heldout, info
 
 
+def first_drawn(rows: torch.Tensor, info: dict | None, seed: int, n: int) -> torch.Tensor:
+    """The first ``n`` training rows a run draws, e.g. to calibrate on: the first ``n``, or for a mixture
+    (``info``, see :func:`build`) the first ``n`` the sampler draws (the rows lie component after
+    component: the head is one component)."""
+    if info is None:
+        return rows[:n]
+    return rows[MixtureSampler.from_info(info, seed).indices(0, min(n, len(rows)))]
+
+
 def heldout_of(info: dict, heldout: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """The held-out rows of one component."""
     comp = next(c for c in info["components"] if c["name"] == name)
