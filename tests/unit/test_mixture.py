@@ -69,6 +69,23 @@ def test_heldout_is_interleaved_by_weight_and_recoverable():
     assert [c["share"] for c in info["components"]] == [0.25, 0.75]
 
 
+def test_compression_calibrates_on_every_component_as_the_cut_does(tmp_path):
+    from distillery.compress.chain import Inputs, calibration_blocks
+
+    parts = [(name, w, {"input_ids": torch.full((n, 4), k)}, {"input_ids": torch.full((1, 4), k)}, 1)
+             for k, (name, w, n) in enumerate((("x", 1.0, 40), ("y", 1.0, 40)))]
+    train_, _, info = build(parts)
+    inputs = Inputs(run=tmp_path, train_examples=train_, eval_examples={}, teacher_signal=lambda: None,
+                    eval_teacher=None, tokenizer=None, device=torch.device("cpu"), mixture=info)
+    blocks = calibration_blocks(inputs, seed=3, n=16)
+    assert blocks.shape == (16, 4) and set(blocks[:, 0].tolist()) == {0, 1}  # the head rows are all x's
+    expected = MixtureSampler.from_info(info, 3).indices(0, 16)
+    assert torch.equal(blocks, train_["input_ids"][expected])
+    single = Inputs(run=tmp_path, train_examples=train_, eval_examples={}, teacher_signal=lambda: None,
+                    eval_teacher=None, tokenizer=None, device=torch.device("cpu"))
+    assert torch.equal(calibration_blocks(single, seed=3, n=16), train_["input_ids"][:16])
+
+
 def test_resumed_training_continues_the_same_sequence(tmp_path):
     """Stopped at step 3 and resumed, the run reads the batches the uninterrupted one read."""
     teacher = tiny_llama(layers=2)

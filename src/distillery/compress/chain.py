@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from distillery.compress.variants import describe, load_variant, save_variant
+from distillery.data.mixture import first_drawn
 from distillery.io import atomic_write_json, read_json, sha256_json
 
 
@@ -69,6 +70,13 @@ def compress_variants(recipe, inputs: Inputs, source_digest: str) -> list[str]:
     return made
 
 
+def calibration_blocks(inputs: Inputs, seed: int, n: int) -> torch.Tensor:
+    """What prune and lowrank score channels, heads and layers on: the first ``n`` training blocks the run
+    draws, as the student's cut does. For a mixture those come from every component by weight; the first
+    ``n`` rows would all be the first component's (the rows lie component after component)."""
+    return first_drawn(inputs.train_examples["input_ids"], inputs.mixture, seed, n)
+
+
 def _apply(step, model: torch.nn.Module, recipe, inputs: Inputs, work: Path, keep_fake_quant: bool):
     """One step: (the new model, what it measured)."""
     kind = step.kind
@@ -76,7 +84,7 @@ def _apply(step, model: torch.nn.Module, recipe, inputs: Inputs, work: Path, kee
     if kind == "prune":
         from distillery.compress.prune import prune, prune_to_target
 
-        blocks = inputs.train_examples["input_ids"][: cfg.calibration_blocks]
+        blocks = calibration_blocks(inputs, recipe.seed, cfg.calibration_blocks)
         options = dict(head_mode=cfg.head_mode, depth_method=cfg.depth_method)
         result = (prune_to_target(model, blocks, cfg.target, axes=tuple(cfg.axes), **options) if cfg.target else
                   prune(model, blocks, layers=cfg.layers, mlp_channels=cfg.mlp_channels, heads=cfg.heads,
@@ -85,7 +93,7 @@ def _apply(step, model: torch.nn.Module, recipe, inputs: Inputs, work: Path, kee
     if kind == "lowrank":
         from distillery.compress.lowrank import factorize
 
-        blocks = inputs.train_examples["input_ids"][: cfg.calibration_blocks]
+        blocks = calibration_blocks(inputs, recipe.seed, cfg.calibration_blocks)
         report = factorize(model, cfg.layers, rank=cfg.rank, energy=cfg.energy, param_ratio=cfg.param_ratio,
                            method=cfg.method, blocks=blocks if cfg.method == "asvd" else None)
         return model, {"report": report.to_dict()}
