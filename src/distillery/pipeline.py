@@ -616,8 +616,11 @@ def summary_line(run: Path) -> str | None:
     texts = {"held-out": s}
     if (run / "eval" / "slices.json").is_file():
         texts.update(json.loads((run / "eval" / "slices.json").read_text()))
-    ratios = [f"{name} {t['student']['perplexity'] / t['teacher']['perplexity']:.2f}x" for name, t in texts.items()
-              if "student" in t and "teacher" in t]
-    if ratios:  # how much of the teacher's ability the student keeps on each kind of text
-        line += "\nstudent/teacher perplexity: " + ", ".join(ratios)
+    # how much of the teacher's ability each trained variant keeps on each kind of text: the distilled student,
+    # then the variants compressed from it (the format that ships)
+    for variant in sorted((v for v in s if v not in ("teacher", "student_init")), key=lambda v: v != "student"):
+        ratios = [f"{name} {t[variant]['perplexity'] / t['teacher']['perplexity']:.2f}x"
+                  for name, t in texts.items() if variant in t and "teacher" in t]
+        if ratios:
+            line += f"\n{variant}/teacher perplexity: " + ", ".join(ratios)
     return line

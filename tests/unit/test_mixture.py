@@ -144,6 +144,22 @@ def test_recipe_errors_name_the_field(tmp_path, lee_file):
     assert ok.data.source.shares() == {"lee": 0.25, "again": 0.75}
 
 
+def test_the_summary_gives_each_trained_variant_its_ratio_to_the_teacher_per_text(tmp_path):
+    from distillery.pipeline import summary_line
+
+    (tmp_path / "eval").mkdir()
+    ppl = {"teacher": 40.0, "student_init": 400.0, "student": 50.0, "int8": 60.0}
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps(
+        {v: {"perplexity": p, "kl_to_teacher": 0.5} for v, p in sorted(ppl.items())}))
+    (tmp_path / "eval" / "slices.json").write_text(json.dumps(
+        {"wiki": {"teacher": {"perplexity": 30.0}, "student": {"perplexity": 57.0}, "int8": {"perplexity": 75.0}},
+         "sentiment": {"teacher": {"accuracy": 0.6}}}))
+    lines = summary_line(tmp_path).splitlines()
+    # the distilled student first, then what was compressed from it; never the untrained cut
+    assert lines[1:] == ["student/teacher perplexity: held-out 1.25x, wiki 1.90x",
+                         "int8/teacher perplexity: held-out 1.50x, wiki 2.50x"]
+
+
 def test_mixture_recipe_runs_and_states_its_mixture(tmp_path, tiny_teacher_dir, lee_text):
     news, other = tmp_path / "news.txt", tmp_path / "other.txt"
     news.write_text(lee_text[:30_000])
