@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation: does a teacher with another vocabulary help? CE alone vs ULD vs the
 GOLD-style hybrid, same student, text, token budget and seed.
 
-The student keeps 15 of SmolLM2-135M-Instruct's 30 layers (chosen by block influence, as the quickstart's)
+The student keeps 15 of SmolLM2-135M-Instruct's 30 layers (chosen by block influence, as recipes/single_corpus.yaml's)
 and its tokenizer; the teacher is Gemma 3 270M (vocabulary 262,144 against 49,152; `make gemma`), aligned
 on byte offsets per block (signals/align.py). All runs train on Jane Austen with the task CE (weight 1 for
 CE alone, 0.5 beside the cross-vocabulary terms) and are scored on held-out Austen (in-domain) and on

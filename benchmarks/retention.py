@@ -4,17 +4,19 @@ Domains the package can fetch: Jane Austen (the quickstart's three novels), gens
 gensim's Wikipedia excerpt, and the teacher's own samples (the data_free path: from BOS, T=1, top-p 0.95).
 For each domain, a student is distilled on a mixture of the other three (equal weights, drawn per step
 by data/mixture.py) with the quickstart's settings read from recipes/quickstart.yaml (steps, batch, block
-size, losses, learning rate, the cut by block influence; only the data differ), then scored on the left-out
-domain's held-out text against the teacher: perplexity ratio student / teacher and KL to the teacher.
-Beside them, the quickstart's own single-corpus recipe (Austen only) is scored on every domain. Every
-student is also scored on gensim's Crime and Punishment excerpt (Russian), which no recipe trains on.
+size, losses, learning rate, the cut by block influence: 22 of 30 layers; only the data differ), then scored on
+the left-out domain's held-out text against the teacher: perplexity ratio student / teacher and KL to the
+teacher. Beside them, the single-corpus recipe the quickstart was before issue 17 (recipes/single_corpus.yaml:
+Austen only, 15 layers, the same budget) is scored on every domain. Every student is also scored on gensim's
+Crime and Punishment excerpt (Russian), which no recipe trains on.
 
 Metrics: ``heldout_domain_ppl_ratio`` (mixture: the mean over left-out domains of student / teacher
 perplexity; target <= 2.5), ``in_domain_ppl_ratio`` (mixture: the mean over runs of the ratio on the held-out
-text of the domains trained on; target <= 1.5), and ``quickstart_*`` the same for the single-corpus recipe
-(its held-out domains: every domain but Austen).
+text of the domains trained on; target <= 1.5), and ``single_corpus_*`` the same for the single-corpus recipe
+(its held-out domains: every domain but Austen). Results files written before the switch name that run
+``quickstart`` (it was the quickstart then) and hold 15-layer mixtures (retention_layers15.json).
 
-    python benchmarks/retention.py [--quick] [--runs quickstart,without_wiki,...] [--steps N]
+    python benchmarks/retention.py [--quick] [--runs single_corpus,without_wiki,...] [--steps N]
                                    [--set distill.lr=1e-3] [--cut width] [--freeze-embeddings] [--tag T]
 """
 
@@ -71,7 +73,7 @@ def domain_blocks(teacher, recipe, quick: bool) -> tuple[dict, dict, dict]:
 
 def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool, steps: int, cut: str = "depth",
            freeze_embeddings: bool = False):
-    """A student cut and distilled as the quickstart does, on ``parts`` (one domain: the plain path; several:
+    """A student cut and distilled as ``recipe`` does, on ``parts`` (one domain: the plain path; several:
     a mixture, equal weights). ``cut="width"``: every layer kept, the MLPs' channels pruned (by activation)
     to the depth cut's parameter count instead. Returns (student, kept layers, seconds, the bridges' fit or None)."""
     if mixed:
@@ -104,12 +106,15 @@ def distil(teacher, signal, recipe, parts: dict[str, torch.Tensor], mixed: bool,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="10 steps, 4 eval blocks, two runs: checks the script")
-    ap.add_argument("--runs", default=None, help="comma-separated: quickstart, without_<domain>, on_<domain>+<domain> "
-                    "(default: quickstart and every without_<domain>)")
+    ap.add_argument("--runs", default=None, help="comma-separated: single_corpus, without_<domain>, "
+                    "on_<domain>+<domain> (default: single_corpus and every without_<domain>)")
     ap.add_argument("--steps", type=int, default=None, help="default: the quickstart's distill.steps; 0: score the "
                     "untrained cut")
     ap.add_argument("--eval-blocks", type=int, default=None)
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"),
+                    help="the mixture runs' settings (cut, steps, batch, losses; its data are replaced)")
+    ap.add_argument("--baseline", default=str(ROOT / "recipes" / "single_corpus.yaml"),
+                    help="the single_corpus run's recipe (trained on Austen only)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the recipe (e.g. distill.lr=1e-3) to compare defaults; repeatable")
     ap.add_argument("--cut", choices=("depth", "width"), default="depth",
@@ -120,11 +125,11 @@ def main() -> None:
     ap.add_argument("--domains-cache", default=None, help="a .pt file: reuse the domains' blocks (teacher samples "
                     "included) between invocations that split the runs")
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe, args.set)
+    recipe, baseline = load_recipe(args.recipe, args.set), load_recipe(args.baseline, args.set)
     steps = args.steps if args.steps is not None else 10 if args.quick else recipe.distill.steps
     n_eval = args.eval_blocks or (4 if args.quick else 32)
     runs = (args.runs.split(",") if args.runs else
-            ["quickstart", "without_wiki"] if args.quick else ["quickstart", *(f"without_{d}" for d in DOMAINS)])
+            ["single_corpus", "without_wiki"] if args.quick else ["single_corpus", *(f"without_{d}" for d in DOMAINS)])
 
     teacher = load_model(recipe.teacher.model, cache=recipe.cache_dir)
     signal = OnlineTeacher(teacher.model, model_id=recipe.teacher.model, tokenizer_fingerprint=teacher.fingerprint)
@@ -144,22 +149,23 @@ def main() -> None:
     previous = RESULTS / f"{name}.json"
     if args.append and previous.is_file():
         old = json.loads(previous.read_text())
-        mine = _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=_overrides(args))
+        mine = _config(args, recipe, baseline, steps, n_eval, ndocs, held, runs, partial=True)
         same = all(old["config"].get(k) == mine[k] for k in ("steps", "batch_size", "block_size", "lr", "losses",
-                                                              "student", "eval_blocks_per_domain", "seed",
-                                                              "overrides"))
+                                                              "student", "baseline_student",
+                                                              "eval_blocks_per_domain", "seed", "overrides"))
         if not same:
             raise SystemExit(f"{previous}: written with other settings; run without --append")
         results = {k: v for k, v in old["metrics"]["runs"].items() if k not in runs}
     for run in runs:
-        trained = (["austen"] if run == "quickstart" else run.removeprefix("on_").split("+") if run.startswith("on_")
+        trained = (["austen"] if run == "single_corpus" else run.removeprefix("on_").split("+") if run.startswith("on_")
                    else [d for d in DOMAINS if d != run.removeprefix("without_")])
         if not set(trained) <= set(DOMAINS) or not trained:
-            raise SystemExit(f"--runs {run}: expected quickstart, without_<domain> or on_<domain>+<domain> "
+            raise SystemExit(f"--runs {run}: expected single_corpus, without_<domain> or on_<domain>+<domain> "
                              f"(domains: {', '.join(DOMAINS)})")
-        student, keep, seconds, bridges = distil(teacher, signal, recipe, {d: train_blocks[d] for d in trained},
-                                        mixed=run != "quickstart", steps=steps, cut=args.cut,
-                                        freeze_embeddings=args.freeze_embeddings)
+        single = run == "single_corpus"
+        student, keep, seconds, bridges = distil(teacher, signal, baseline if single else recipe,
+                                                 {d: train_blocks[d] for d in trained}, mixed=not single,
+                                                 steps=steps, cut=args.cut, freeze_embeddings=args.freeze_embeddings)
         scores = {}
         for d, b in held.items():
             m = evaluate_models({"s": student}, b, teacher=teacher.model)["s"]
@@ -171,7 +177,7 @@ def main() -> None:
                         "heldout_ppl_ratio": _mean([scores[d]["ppl_ratio"] for d in DOMAINS if d not in trained])}
         del student
         write_results(name, _metrics(results),
-                      _config(recipe, steps, n_eval, ndocs, held, runs, partial=True, overrides=_overrides(args)))
+                      _config(args, recipe, baseline, steps, n_eval, ndocs, held, runs, partial=True))
         print(f"{run}: in-domain ratio {results[run]['in_domain_ppl_ratio']:.2f}, held-out "
               f"{_fmt(results[run]['heldout_ppl_ratio'])} ({seconds:.0f} s)")
 
@@ -182,18 +188,18 @@ def main() -> None:
     print_table(rows, ("run", "trained on", *(f"{d} ppl x (KL)" for d in [*DOMAINS, EXTRA]), "in-domain", "held-out"))
     print("teacher perplexity: " + ", ".join(f"{d} {p:.1f}" for d, p in teacher_ppl.items()))
     metrics = _metrics(results)
-    for key in ("heldout_domain_ppl_ratio", "in_domain_ppl_ratio", "quickstart_heldout_domain_ppl_ratio",
-                "quickstart_in_domain_ppl_ratio"):
+    for key in ("heldout_domain_ppl_ratio", "in_domain_ppl_ratio", "single_corpus_heldout_domain_ppl_ratio",
+                "single_corpus_in_domain_ppl_ratio"):
         if key in metrics:
             print(f"{key}: {metrics[key]:.3f}")
-    complete = {"quickstart", *(f"without_{d}" for d in DOMAINS)} <= set(runs)
-    path = write_results(name, metrics, _config(recipe, steps, n_eval, ndocs, held, runs, partial=not complete,
-                                                overrides=_overrides(args)))
+    complete = {"single_corpus", *(f"without_{d}" for d in DOMAINS)} <= set(runs)
+    path = write_results(name, metrics, _config(args, recipe, baseline, steps, n_eval, ndocs, held, runs,
+                                                partial=not complete))
     print(f"wrote {path}")
 
 
 def _overrides(args) -> list[str]:
-    """What this invocation changed from the quickstart's recipe, as recorded in the results."""
+    """What this invocation changed from the recipes, as recorded in the results."""
     return [*args.set, *(["--cut width"] if args.cut == "width" else []),
             *(["--freeze-embeddings"] if args.freeze_embeddings else [])]
 
@@ -215,24 +221,31 @@ def _metrics(results: dict) -> dict:
         metrics["heldout_domain_kl"] = statistics.fmean(
             r["domains"][d]["kl_to_teacher"] for r in lodo for d in DOMAINS if d not in r["trained_on"])
         metrics[f"{EXTRA}_ppl_ratio"] = statistics.fmean(r["domains"][EXTRA]["ppl_ratio"] for r in lodo)
-    if "quickstart" in results:
-        q = results["quickstart"]
-        metrics["quickstart_heldout_domain_ppl_ratio"] = q["heldout_ppl_ratio"]
-        metrics["quickstart_in_domain_ppl_ratio"] = q["in_domain_ppl_ratio"]
-        metrics["quickstart_heldout_domain_kl"] = statistics.fmean(
+    if "single_corpus" in results:
+        q = results["single_corpus"]
+        metrics["single_corpus_heldout_domain_ppl_ratio"] = q["heldout_ppl_ratio"]
+        metrics["single_corpus_in_domain_ppl_ratio"] = q["in_domain_ppl_ratio"]
+        metrics["single_corpus_heldout_domain_kl"] = statistics.fmean(
             q["domains"][d]["kl_to_teacher"] for d in DOMAINS if d != "austen")
-        metrics[f"quickstart_{EXTRA}_ppl_ratio"] = q["domains"][EXTRA]["ppl_ratio"]
+        metrics[f"single_corpus_{EXTRA}_ppl_ratio"] = q["domains"][EXTRA]["ppl_ratio"]
     return metrics
 
 
-def _config(recipe, steps, n_eval, ndocs, held, runs, partial: bool, overrides: list[str]) -> dict:
+def _rel(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
+def _config(args, recipe, baseline, steps, n_eval, ndocs, held, runs, partial: bool) -> dict:
     d = recipe.distill
-    return {"recipe": "recipes/quickstart.yaml (data replaced per run)", "steps": steps, "batch_size": d.batch_size,
+    return {"recipe": f"{_rel(args.recipe)} (data replaced per run)", "baseline": _rel(args.baseline),
+            "baseline_student": baseline.student.from_teacher.model_dump(mode="json"),
+            "steps": steps, "batch_size": d.batch_size,
             "block_size": recipe.data.block_size, "lr": d.lr, "schedule": d.schedule, "seed": recipe.seed,
             "losses": d.losses.model_dump(mode="json", include={"ce_weight", "kd"}),
             "student": recipe.student.from_teacher.model_dump(mode="json"), "eval_blocks": n_eval,
             "eval_blocks_per_domain": {k: len(v) for k, v in held.items()}, "documents": ndocs,
-            "mixture_weights": "equal", "overrides": overrides, "runs": runs, "partial": partial}
+            "mixture_weights": "equal", "overrides": _overrides(args), "runs": runs, "partial": partial}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ rounds, so machine load hits both alike. Reports generated tokens/s, requests/s 
 latency per mode, ``batching_speedup`` (tokens/s ratio, and its per-round spread) and the count of
 5xx answers (must be 0).
 
-Served teacher: two short KD runs of the same recipe (quickstart's student, data and loss, fewer
+Served teacher: two short KD runs of the same recipe (single_corpus.yaml's student, data and loss, fewer
 steps), one from the teacher loaded locally (dense logits), one from a distillery server over the same
 teacher on loopback (``teacher_source: served``, top-``--served-top-k`` prompt log-probs over HTTP,
 the server's default cap); both students' held-out KL to the local teacher, and their ratio
@@ -142,7 +142,7 @@ def throughput(loaded, args) -> dict:
 
 
 def kd_recipe(work: Path, name: str, steps: int, eval_blocks: int, **distill) -> dict:
-    """quickstart's distillation (15-layer importance-selected student, Austen, forward KL) cut short."""
+    """single_corpus.yaml's distillation (15-layer importance-selected student, Austen, forward KL) cut short."""
     return {
         "name": name, "seed": 0, "run_dir": str(work), "teacher": {"model": TEACHER},
         "student": {"from_teacher": {"num_layers": 15, "select": "importance", "calibration_blocks": 8}},

@@ -4,7 +4,7 @@
 
 The peer is TRL's ``GKDTrainer`` (``trl.experimental.gkd``) in its off-policy forward-KL setting,
 ``lmbda=0`` (never the student's own samples), ``seq_kd=False`` (never the teacher's), ``beta=0``:
-token-level KD on the data, which is what the quickstart recipe's distill stage runs. What each side
+token-level KD on the data, which is what the recipes' distill stage runs. What each side
 computes, checked below on random float64 logits before anything is timed:
 
 - TRL: ``generalized_jsd_loss(student, teacher, labels, beta=0)`` is
@@ -12,17 +12,17 @@ computes, checked below on random float64 logits before anything is timed:
   *forward* KL from the teacher ``p``; ``compute_loss`` never passes ``GKDConfig.temperature`` to it,
   so it runs at T = 1 with no T^2 factor; summed over the tokens whose label is not -100 and divided
   by the Trainer's ``num_items_in_batch`` (the same count of shifted labels).
-- Distillery: the quickstart's ``kd: {divergence: forward_kl, temperature: 1.0}`` (T^2 = 1), ``ce_weight
+- Distillery: the recipes' ``kd: {divergence: forward_kl, temperature: 1.0}`` (T^2 = 1), ``ce_weight
   0``, summed over the predicted tokens whose label is not -100, over their count.
 
-Both get the same teacher (SmolLM2-135M-Instruct), the same student (the quickstart's 15-layer
-importance cut of it, chosen once here), the same examples in the same order (Jane Austen passages
-wrapped as chat completions and collated by TRL's own ``DataCollatorForChatML``; the prompt positions
-it sets to -100 are masked for both), the same AdamW (lr 2e-4, no weight decay, clip 1.0), the same
+Both get the same teacher (SmolLM2-135M-Instruct), the same student (the 15-layer
+importance cut of recipes/single_corpus.yaml, chosen once here), the same examples in the same order
+(Jane Austen passages wrapped as chat completions and collated by TRL's own ``DataCollatorForChatML``; the
+prompt positions it sets to -100 are masked for both), the same AdamW (lr 2e-4, no weight decay, clip 1.0), the same
 warm-up + cosine schedule (Distillery's ``lr_lambda``, handed to TRL's Trainer as its scheduler), the
 same seed and the same number of steps, and no activation checkpointing on either side (TRL's
 SFT-family configs turn it on by default, trading step time for activation memory: not the same
-work). Two shapes: the quickstart's (4 x 128 tokens) and a long one
+work). Two shapes: the recipes' (4 x 128 tokens) and a long one
 (2 x 2048), where ``[tokens, vocab]`` logits dominate memory.
 
 Every run is its own process, so peak resident memory (``ru_maxrss``, taken when the last step ends,
@@ -91,7 +91,7 @@ def collate(examples: list[dict], tokenizer, length: int) -> dict[str, torch.Ten
 
 
 def check_same_loss() -> float:
-    """TRL's GKD loss at beta=0 and the quickstart's KD loss on the same float64 logits and labels:
+    """TRL's GKD loss at beta=0 and the recipes' KD loss on the same float64 logits and labels:
     returns the largest relative difference of the losses and gradients (they must agree)."""
     from trl.experimental.gkd import GKDTrainer
 
@@ -120,7 +120,7 @@ def check_same_loss() -> float:
 
 
 def prepare(work: Path, steps: dict[str, int], args) -> dict:
-    """Choose the student's layers (the quickstart's importance cut) and write each shape's data."""
+    """Choose the student's layers (single_corpus.yaml's importance cut) and write each shape's data."""
     from distillery.data.sources import read_austen, to_blocks
     from distillery.models.layers import decoder_layers
     from distillery.models.load import load_model
@@ -128,7 +128,7 @@ def prepare(work: Path, steps: dict[str, int], args) -> dict:
     from distillery.recipe import load_recipe
     from distillery.train.loop import step_indices
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "single_corpus.yaml")
     loaded = load_model(TEACHER, device="cpu", dtype="float32")
     tok = loaded.tokenizer
     docs = read_austen(recipe.data.source.parts)
@@ -350,7 +350,8 @@ def main() -> None:
     import transformers
 
     write_results("vs_trl_quick" if args.quick else "vs_trl", metrics, {
-        "teacher": TEACHER, "student": f"teacher layers {setup['keep']} (quickstart's importance cut, 15 of 30)",
+        "teacher": TEACHER,
+        "student": f"teacher layers {setup['keep']} (single_corpus.yaml's importance cut, 15 of 30)",
         "peer": f"trl {trl.__version__} experimental.gkd.GKDTrainer (lmbda=0, beta=0, seq_kd=False)",
         "transformers": transformers.__version__, "loss": "forward KL(teacher || student), T=1, prompt masked",
         "loss_check_max_rel_diff": diff, "shapes": setup["shapes"], "rounds": rounds, "lr": setup["lr"],
