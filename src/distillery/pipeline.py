@@ -177,9 +177,9 @@ def stage_student_init(ctx: Context) -> list[str]:
     r, teacher = ctx.recipe, ctx.teacher()
     s = r.student
     if s.from_teacher is not None:
-        # calibration text: the first n training blocks the run draws
-        student, meta = cut_from_teacher(s.from_teacher, teacher.model,
-                                         lambda n: first_drawn(ctx.blocks()[0]["input_ids"], ctx.mixture(), r.seed, n))
+        # calibration text: the first n training blocks the run draws (read once: a bridge asks again)
+        ids, info = ctx.blocks()[0]["input_ids"], ctx.mixture()
+        student, meta = cut_from_teacher(s.from_teacher, teacher.model, lambda n: first_drawn(ids, info, r.seed, n))
         keep, total = meta["kept_layers"], len(decoder_layers(teacher.model))
         ctx.log(f"student: kept teacher layers {keep} ({len(keep)} of {total}, select={s.from_teacher.select})")
         for b in meta.get("bridges", []):
