@@ -1,5 +1,6 @@
 """Data mixtures: each step's examples drawn from the components by weight, a pure function of (seed, step)."""
 
+import dataclasses
 import json
 import math
 
@@ -81,8 +82,7 @@ def test_compression_calibrates_on_every_component_as_the_cut_does(tmp_path):
     assert blocks.shape == (16, 4) and set(blocks[:, 0].tolist()) == {0, 1}  # the head rows are all x's
     expected = MixtureSampler.from_info(info, 3).indices(0, 16)
     assert torch.equal(blocks, train_["input_ids"][expected])
-    single = Inputs(run=tmp_path, train_examples=train_, eval_examples={}, teacher_signal=lambda: None,
-                    eval_teacher=None, tokenizer=None, device=torch.device("cpu"))
+    single = dataclasses.replace(inputs, mixture=None)
     assert torch.equal(calibration_blocks(single, seed=3, n=16), train_["input_ids"][:16])
 
 
